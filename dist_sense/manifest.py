@@ -1,0 +1,87 @@
+"""Manifests: the last file a stage writes, and the first one a reader checks.
+
+Each manifest names its format and version. Writes go to a temporary name and are
+renamed into place, so a crash never leaves a file that looks complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+
+class ManifestError(RuntimeError):
+    """A missing, foreign or outdated manifest; the message names the file."""
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> Path:
+    return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_manifest(directory: str | os.PathLike, fmt: str, version: int, body: dict, name: str = "manifest.json") -> Path:
+    """Write DIR/manifest.json holding `format`, `version` and `body`'s keys, atomically."""
+    return atomic_write_json(Path(directory) / name, {"format": fmt, "version": version, **body})
+
+
+def read_manifest(directory: str | os.PathLike, fmt: str, version: int, name: str = "manifest.json", stage_hint: str = "") -> dict:
+    """Read and check DIR/manifest.json; raise ManifestError naming the file if it is not usable."""
+    path = Path(directory) / name
+    hint = f" (run {stage_hint} first, or finish it: a stage writes its manifest last)" if stage_hint else ""
+    if not path.is_file():
+        raise ManifestError(f"{path}: no manifest{hint}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ManifestError(f"{path}: manifest is not valid JSON ({err})") from None
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ManifestError(f"{path}: format is {found!r}, expected {fmt!r}: this directory holds something else")
+    if data.get("version") != version:
+        raise ManifestError(
+            f"{path}: {fmt} version {data.get('version')!r}, this code reads version {version}: rebuild it with this version"
+        )
+    return data
+
+
+def file_fingerprint(paths, extra: str = "") -> str:
+    """sha256 over the bytes of `paths` (in order) and `extra`: identifies a tokenizer or a model."""
+    digest = hashlib.sha256(extra.encode())
+    for p in paths:
+        p = Path(p)
+        digest.update(p.name.encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Stable id of a tokenizer's vocabulary and special tokens (not of its file layout)."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    payload = json.dumps({"vocab": vocab, "special": sorted(map(str, tokenizer.all_special_ids))})
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def model_fingerprint(model_dir: str | os.PathLike) -> str:
+    """Id of a model checkpoint: its config plus the sizes and names of its weight files."""
+    model_dir = Path(model_dir)
+    digest = hashlib.sha256()
+    config = model_dir / "config.json"
+    if config.is_file():
+        digest.update(config.read_bytes())
+    for weights in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
+        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,161 @@
+"""Webdataset shards of the hidden/ and labels/ stages: one sample per sequence.
+
+A hidden/ sample holds the occurrences kept from one window of one document:
+  tokens.npy  int32 [n]       token ids of the kept occurrences
+  hidden.npy  [n, d]          their hidden states (fp16, fp32, or bf16 stored as uint16 bits)
+  pos.npy     int32 [n]       their positions in the window's input ids
+  doc.json    {"doc", "window", "start", "text", "spans"}: document id, window number,
+              first token's offset in the document, the window text and the
+              character span of each kept occurrence in it (for example contexts)
+Shard files are named PREFIX-rRRR-NNNNNN.tar; each is written to a temporary name and
+renamed when closed, so a shard that exists is complete.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+HIDDEN_FORMAT = "dist_sense.hidden"
+HIDDEN_VERSION = 1
+
+
+class ShardError(RuntimeError):
+    """A truncated or corrupted shard; the message names the file and sample."""
+
+
+def encode_hidden(array: np.ndarray, dtype: str) -> np.ndarray:
+    """Cast float states for storage; bf16 keeps the top 16 bits of fp32 (round to nearest even)."""
+    if dtype == "fp32":
+        return np.ascontiguousarray(array, dtype=np.float32)
+    if dtype == "fp16":
+        return np.ascontiguousarray(array, dtype=np.float16)
+    if dtype == "bf16":
+        bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (rounded >> 16).astype(np.uint16)
+    raise ValueError(f"unknown hidden dtype {dtype!r}: use fp32, fp16 or bf16")
+
+
+def decode_hidden(array: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored states back to float32."""
+    if dtype == "bf16":
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    return array.astype(np.float32)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def shard_name(prefix: str, rank: int, index: int) -> str:
+    return f"{prefix}-r{rank:03d}-{index:06d}.tar"
+
+
+class RankShardWriter:
+    """Writes one rank's samples into numbered tar shards of `max_samples` each.
+
+    Each shard is a `webdataset.TarWriter` on a temporary name, renamed into place
+    when closed (webdataset's ShardWriter writes the final name from the start), and
+    numbering starts at `first_index`, which is what resume needs.
+    """
+
+    def __init__(self, directory: str | os.PathLike, prefix: str, rank: int, max_samples: int, first_index: int = 0):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.prefix, self.rank, self.max_samples = prefix, rank, max_samples
+        self.index = first_index
+        self.written: list[dict] = []  # {"file", "samples", "keys": [first, last]} per closed shard
+        self._tar = None
+        self._tmp = None
+        self._count = 0
+        self._keys: list[str] = []
+
+    def write(self, key: str, fields: dict[str, bytes]) -> None:
+        if self._tar is None:
+            self._open()
+        self._tar.write({"__key__": key, **fields})
+        self._count += 1
+        self._keys.append(key)
+        if self._count >= self.max_samples:
+            self.close_shard()
+
+    def _open(self) -> None:
+        final = self.directory / shard_name(self.prefix, self.rank, self.index)
+        self._tmp = final.with_name("." + final.name + ".partial")
+        import webdataset as wds
+
+        self._tar = wds.TarWriter(str(self._tmp), encoder=False, mtime=0.0)
+        self._count, self._keys = 0, []
+
+    def close_shard(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        final = self.directory / shard_name(self.prefix, self.rank, self.index)
+        with open(self._tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(self._tmp, final)
+        self.written.append({"file": final.name, "samples": self._count, "keys": [self._keys[0], self._keys[-1]]})
+        self._tar, self.index = None, self.index + 1
+
+    def close(self) -> None:
+        self.close_shard()
+
+
+def iter_tar_samples(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) for each sample of one tar shard, in order; ShardError on damage."""
+    path = Path(path)
+    key, fields = None, {}
+    try:
+        with tarfile.open(path, "r") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base, _, ext = member.name.partition(".")
+                if key is not None and base != key:
+                    yield key, fields
+                    fields = {}
+                key = base
+                fields[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise ShardError(f"{path}: truncated or corrupted shard after sample {key!r} ({err}); delete it and rerun the stage") from None
+    if key is not None:
+        yield key, fields
+
+
+def _load_npy(path: Path, key: str, fields: dict[str, bytes], name: str) -> np.ndarray:
+    if name not in fields:
+        raise ShardError(f"{path}: sample {key!r} has no {name} (has {', '.join(sorted(fields))})")
+    try:
+        return np.load(io.BytesIO(fields[name]), allow_pickle=False)
+    except Exception as err:
+        raise ShardError(f"{path}: sample {key!r}: {name} is not a valid .npy ({err})") from None
+
+
+def read_hidden_sample(path: Path, key: str, fields: dict[str, bytes], dtype: str) -> dict:
+    """Decode one hidden/ sample into float32 arrays, checking shapes agree."""
+    tokens = _load_npy(path, key, fields, "tokens.npy")
+    hidden = decode_hidden(_load_npy(path, key, fields, "hidden.npy"), dtype)
+    pos = _load_npy(path, key, fields, "pos.npy")
+    if hidden.ndim != 2 or tokens.shape[0] != hidden.shape[0] or pos.shape[0] != tokens.shape[0]:
+        raise ShardError(f"{path}: sample {key!r}: tokens {tokens.shape}, hidden {hidden.shape}, pos {pos.shape} disagree")
+    try:
+        doc = json.loads(fields.get("doc.json", b"{}"))
+    except json.JSONDecodeError as err:
+        raise ShardError(f"{path}: sample {key!r}: doc.json is not valid JSON ({err})") from None
+    return {"key": key, "tokens": tokens.astype(np.int64), "hidden": hidden, "pos": pos, "doc": doc}
+
+
+def iter_hidden(paths, dtype: str) -> Iterator[dict]:
+    """Every hidden/ sample of `paths`, decoded (see read_hidden_sample)."""
+    for path in paths:
+        for key, fields in iter_tar_samples(path):
+            yield read_hidden_sample(Path(path), key, fields, dtype)
