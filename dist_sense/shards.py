@@ -67,10 +67,13 @@ class RankShardWriter:
     numbering starts at `first_index`, which is what resume needs.
     """
 
-    def __init__(self, directory: str | os.PathLike, prefix: str, rank: int, max_samples: int, first_index: int = 0):
+    def __init__(self, directory: str | os.PathLike, prefix: str, rank: int, max_samples: int, first_index: int = 0,
+                 close_when_full: bool = True):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.prefix, self.rank, self.max_samples = prefix, rank, max_samples
+        # Off: the caller closes at a boundary of its own (a batch), so resume points align with it.
+        self.close_when_full = close_when_full
         self.index = first_index
         self.written: list[dict] = []  # {"file", "samples", "keys": [first, last]} per closed shard
         self._tar = None
@@ -84,8 +87,12 @@ class RankShardWriter:
         self._tar.write({"__key__": key, **fields})
         self._count += 1
         self._keys.append(key)
-        if self._count >= self.max_samples:
+        if self.close_when_full and self.full:
             self.close_shard()
+
+    @property
+    def full(self) -> bool:
+        return self._tar is not None and self._count >= self.max_samples
 
     def _open(self) -> None:
         final = self.directory / shard_name(self.prefix, self.rank, self.index)

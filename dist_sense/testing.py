@@ -116,6 +116,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def launch_env(extra: dict | None = None) -> dict:
     """Environment for a child launcher: offline hub, CPU DeepSpeed, cached ops, no stray rank vars."""
     import os
+    import sys
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI_", "PMIX_", "SLURM_"))}
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -124,6 +125,8 @@ def launch_env(extra: dict | None = None) -> dict:
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".torch_extensions"))
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
+    # `python`, `deepspeed` and `mpirun` in a command mean this interpreter's environment.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(extra or {})
     return env
 
