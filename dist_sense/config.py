@@ -144,6 +144,8 @@ class LabelConfig:
     """Softmax temperature of the soft targets."""
     shard_samples: int = 1000
     """Sequences per webdataset shard."""
+    store_hidden: bool = False
+    """Also store the teacher's hidden states (fp16) per token, for the MSE distillation baseline."""
 
     def validate(self) -> None:
         _check_choice("label.similarity", self.similarity, SIMILARITIES)

@@ -4,28 +4,24 @@ An occurrence of token t (document d, position p) is kept with probability
 min(1, cap / count_t). The draw is a hash of (seed, d, p), not a random stream, so
 the kept set does not depend on how documents are split over ranks, nor on resume.
 Output: RUN/hidden/ webdataset shards (one sample per window, see shards.py) and
-RUN/hidden/manifest.json, written last. Each rank records its progress after every
-closed shard, so a rerun skips finished windows and ends with the same shards.
+RUN/hidden/manifest.json, written last. Resume and lockstep live in teacher_pass.
 """
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
 from . import corpus, dist
 from .config import ConfigError, RunConfig
 from .counts import run_counts
-from .faults import crash_point
-from .manifest import ManifestError, atomic_write_json, read_manifest, write_manifest
+from .manifest import ManifestError, read_manifest, write_manifest
 from .metrics import summary_writer
-from .shards import HIDDEN_FORMAT, HIDDEN_VERSION, RankShardWriter, encode_hidden, npy_bytes
-from .teacher import Teacher, run_lockstep
+from .shards import HIDDEN_FORMAT, HIDDEN_VERSION, encode_hidden, npy_bytes
+from .teacher import Teacher
+from .teacher_pass import gather_progress, merge_counters, run_pass
 
 log = dist.get_logger("dist_sense.extract")
 
@@ -78,25 +74,29 @@ def extract_settings(cfg: RunConfig, teacher: Teacher, corpus_path: str) -> dict
     }
 
 
-class RankProgress:
-    """One rank's record of closed shards, windows consumed and kept counts: the resume point."""
+class HiddenSink:
+    """Writes the kept occurrences of each window as one hidden/ sample."""
 
-    def __init__(self, out_dir: Path, rank: int, world_size: int, settings: dict):
-        self.path = out_dir / f"progress-r{rank:03d}.json"
-        self.state = {"world_size": world_size, "settings": settings, "windows_done": 0, "shards": [],
-                      "kept": {}, "tokens_read": 0, "nonfinite": 0}
-        if self.path.is_file():
-            saved = json.loads(self.path.read_text())
-            if saved.get("settings") != settings:
-                raise ManifestError(f"{self.path}: this rank's partial output was made with other settings; "
-                                    f"delete {out_dir} to start over")
-            if saved.get("world_size") != world_size:
-                raise ManifestError(f"{self.path}: started with {saved.get('world_size')} ranks, now {world_size}; "
-                                    f"rerun with {saved.get('world_size')} ranks or delete {out_dir}")
-            self.state = saved
+    def __init__(self, prob: np.ndarray, seed: int, hidden_dtype: str):
+        self.prob, self.seed, self.hidden_dtype = prob, seed, hidden_dtype
 
-    def save(self) -> None:
-        atomic_write_json(self.path, self.state)
+    def write(self, writer, window: corpus.Window, states: np.ndarray, counters: dict[str, Counter]) -> None:
+        mask = keep_mask(window, self.prob, self.seed)
+        vectors = states[mask]
+        finite = np.isfinite(vectors).all(axis=1)
+        # Non-finite states are dropped here and counted, so they are never clustered.
+        counters.setdefault("totals", Counter())["nonfinite"] += int((~finite).sum())
+        pos = np.flatnonzero(mask)[finite]
+        if len(pos) == 0:
+            return
+        tokens = np.asarray(window.input_ids, dtype=np.int32)[pos]
+        counters.setdefault("kept", Counter()).update(map(str, tokens.tolist()))
+        doc = {"doc": window.doc, "window": window.index, "start": window.start, "text": window.text,
+               "spans": [list(window.spans[p]) for p in pos]}
+        writer.write(f"{window.doc:010d}_{window.index:05d}", {
+            "tokens.npy": npy_bytes(tokens), "hidden.npy": npy_bytes(encode_hidden(vectors[finite], self.hidden_dtype)),
+            "pos.npy": npy_bytes(pos.astype(np.int32)), "doc.json": json.dumps(doc).encode(),
+        })
 
 
 def run(cfg: RunConfig) -> Path:
@@ -114,9 +114,9 @@ def run(cfg: RunConfig) -> Path:
         return out_dir
     counts = run_counts(cfg, dataset, teacher.tokenizer, teacher.tokenizer_fingerprint, corpus_path)
     prob = keep_probability(counts, cfg.extract.cap, banned_token_ids(teacher.tokenizer, cfg.extract.stop_tokens))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    progress = RankProgress(out_dir, env.rank, env.world_size, settings)
-    _extract_rank(cfg, teacher, dataset, prob, progress, out_dir, total_tokens=int(counts.sum()))
+    sink = HiddenSink(prob, cfg.extract.seed, cfg.extract.hidden_dtype)
+    run_pass(teacher, dataset, cfg.corpus, out_dir, "hidden", settings, sink, cfg.extract.batch_size,
+             cfg.extract.shard_samples, cfg.run_path / "tb" / "extract", expected_tokens=int(counts.sum()))
     dist.barrier()
     _write_manifest(cfg, teacher, settings, out_dir, counts)
     dist.barrier()
@@ -133,96 +133,17 @@ def _is_complete(out_dir: Path, settings: dict) -> bool:
     return True
 
 
-def _extract_rank(cfg, teacher, dataset, prob, progress: RankProgress, out_dir: Path, total_tokens: int) -> None:
-    env = dist.detect()
-    state = progress.state
-    for stale in out_dir.glob(f".hidden-r{env.rank:03d}-*.partial"):
-        stale.unlink()  # a shard that was being written when the last run died
-    # Shards close only between batches, so a resume re-forms exactly the same batches
-    # (same padding, same numerics) and the result is bitwise the uninterrupted one.
-    writer = RankShardWriter(out_dir, "hidden", env.rank, cfg.extract.shard_samples, first_index=len(state["shards"]),
-                             close_when_full=False)
-    docs = corpus.documents_for_rank(dataset, env.rank, env.world_size)
-    windows = corpus.iter_windows(docs, teacher.tokenizer, cfg.corpus.max_length, cfg.corpus.stride)
-    skipped = _skip(windows, state["windows_done"])
-    batches = _batches(skipped, cfg.extract.batch_size)
-    pad = teacher.tokenizer.pad_token_id
-    tb = summary_writer(cfg.run_path, "extract")
-    bar = tqdm(total=total_tokens // env.world_size, unit="tok", disable=not env.is_main, desc="extract")
-    pending = {"windows": 0, "kept": Counter(), "tokens": 0, "nonfinite": 0}
-    start, step = time.time(), 0
-    for batch, hidden in run_lockstep(teacher, batches, lambda b: corpus.batch_windows(b, pad), cfg.extract.batch_size):
-        for window, states in zip(batch, hidden.cpu().numpy()):
-            _write_window(writer, window, states, prob, cfg, pending)
-        if writer.full:  # a resume point
-            writer.close_shard()
-            _commit(progress, writer.written[-1], pending)
-        n_tokens = sum(int(np.sum(w.owned)) for w in batch)
-        bar.update(n_tokens)
-        step += 1
-        if env.is_main and step % 10 == 0:
-            tb.add_scalar("speed/tokens_per_s", bar.n / max(time.time() - start, 1e-9), step)
-            tb.add_scalar("extract/vectors_kept_rank0", sum(state["kept"].values()) + sum(pending["kept"].values()), step)
-    closed_before = len(writer.written)
-    writer.close()
-    if len(writer.written) > closed_before:
-        _commit(progress, writer.written[-1], pending)
-    elif pending["windows"]:
-        _commit(progress, None, pending)  # windows that kept nothing since the last shard
-    bar.close()
-    tb.close()
-
-
-def _write_window(writer, window, states: np.ndarray, prob, cfg, pending) -> None:
-    n = len(window.input_ids)
-    pending["windows"] += 1
-    pending["tokens"] += int(np.sum(window.owned))
-    mask = keep_mask(window, prob, cfg.extract.seed)
-    vectors = states[:n][mask]
-    finite = np.isfinite(vectors).all(axis=1)
-    pending["nonfinite"] += int((~finite).sum())  # never clustered: dropped here and counted
-    pos = np.flatnonzero(mask)[finite]
-    if len(pos) == 0:
-        return
-    tokens = np.asarray(window.input_ids, dtype=np.int32)[pos]
-    pending["kept"].update(tokens.tolist())
-    doc = {"doc": window.doc, "window": window.index, "start": window.start, "text": window.text,
-           "spans": [list(window.spans[p]) for p in pos]}
-    writer.write(f"{window.doc:010d}_{window.index:05d}", {
-        "tokens.npy": npy_bytes(tokens), "hidden.npy": npy_bytes(encode_hidden(vectors[finite], cfg.extract.hidden_dtype)),
-        "pos.npy": npy_bytes(pos.astype(np.int32)), "doc.json": json.dumps(doc).encode(),
-    })
-    crash_point("extract.window")
-
-
-def _commit(progress: RankProgress, shard: dict | None, pending: dict) -> None:
-    """Fold everything since the last commit into the rank's progress file."""
-    state = progress.state
-    if shard is not None:
-        state["shards"].append(shard)
-    state["windows_done"] += pending["windows"]
-    state["tokens_read"] += pending["tokens"]
-    state["nonfinite"] += pending["nonfinite"]
-    kept = Counter({int(k): v for k, v in state["kept"].items()})
-    kept.update(pending["kept"])
-    state["kept"] = {str(k): v for k, v in sorted(kept.items())}
-    progress.save()
-    pending.update(windows=0, kept=Counter(), tokens=0, nonfinite=0)
-    crash_point("extract.commit")
-
-
 def _write_manifest(cfg, teacher: Teacher, settings: dict, out_dir: Path, counts: np.ndarray) -> None:
-    states = dist.all_gather_object(RankProgress(out_dir, dist.detect().rank, dist.detect().world_size, settings).state)
+    states = gather_progress(out_dir, settings)
     if not dist.detect().is_main:
         return
-    kept: Counter = Counter()
-    for s in states:
-        kept.update({int(k): v for k, v in s["kept"].items()})
+    counters = merge_counters(states)
+    kept = Counter({int(k): v for k, v in counters.get("kept", {}).items()})
     shards = [shard for s in states for shard in s["shards"]]
+    read = counters.get("totals", Counter())
     totals = {
-        "tokens_read": sum(s["tokens_read"] for s in states), "windows": sum(s["windows_done"] for s in states),
-        "vectors_kept": sum(kept.values()), "distinct_tokens": len(kept), "nonfinite_skipped": sum(s["nonfinite"] for s in states),
-        "corpus_tokens": int(counts.sum()),
+        "tokens_read": read["tokens"], "windows": read["windows"], "vectors_kept": sum(kept.values()),
+        "distinct_tokens": len(kept), "nonfinite_skipped": read["nonfinite"], "corpus_tokens": int(counts.sum()),
     }
     body = {
         "teacher": str(teacher.path), "teacher_fingerprint": teacher.fingerprint,
@@ -238,20 +159,3 @@ def _write_manifest(cfg, teacher: Teacher, settings: dict, out_dir: Path, counts
     tb.close()
     log.info("wrote %s: %d vectors of %d tokens from %d tokens read", out_dir, totals["vectors_kept"],
              totals["distinct_tokens"], totals["tokens_read"])
-
-
-def _skip(windows, n: int):
-    for i, window in enumerate(windows):
-        if i >= n:
-            yield window
-
-
-def _batches(windows, size: int):
-    batch = []
-    for window in windows:
-        batch.append(window)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

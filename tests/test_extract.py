@@ -103,7 +103,7 @@ def test_uneven_ranks_one_document_finishes(tiny_bert, tmp_path):
 @pytest.mark.slow
 def test_crash_then_rerun_equals_uninterrupted(one_rank_run, tiny_llama, corpus_file, tmp_path):
     args = ["python", SCRIPT, *extract_args(tmp_path, tiny_llama, corpus_file)]
-    crashed = testing.run_command(args, env={"DIST_SENSE_CRASH": "extract.window:37"}, check=False, timeout=300)
+    crashed = testing.run_command(args, env={"DIST_SENSE_CRASH": "hidden.window:39"}, check=False, timeout=300)
     assert crashed.returncode == 137
     assert not (tmp_path / "hidden" / "manifest.json").exists()
     assert list((tmp_path / "hidden").glob(".*.partial")), "the crash should have left a half-written shard"

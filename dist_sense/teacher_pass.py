@@ -1,0 +1,138 @@
+"""One resumable pass of the ZeRO-3 teacher over this rank's windows, writing shards.
+
+Shared by extraction and labelling: they differ only in what they write per window
+(a `sink`). This module owns the parts that must be right once:
+  - lockstep forwards (teacher.run_lockstep), so uneven ranks never hang;
+  - shards closed only between batches, so a resume re-forms exactly the same batches
+    (same padding, same numerics) and the output is bitwise that of an uninterrupted run;
+  - a per-rank progress file, updated after each closed shard, holding the windows
+    consumed and the counters so far: the resume point.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Protocol
+
+from tqdm import tqdm
+
+from . import corpus, dist
+from .faults import crash_point
+from .manifest import ManifestError, atomic_write_json
+from .metrics import summary_writer
+from .shards import RankShardWriter
+from .teacher import Teacher, run_lockstep
+
+
+class Sink(Protocol):
+    """What a stage does with each window's teacher states."""
+
+    def write(self, writer: RankShardWriter, window: corpus.Window, states, counters: dict[str, Counter]) -> None:
+        ...
+
+
+class RankProgress:
+    """One rank's closed shards, windows consumed and counters: its resume point."""
+
+    def __init__(self, out_dir: Path, rank: int, world_size: int, settings: dict):
+        self.path = out_dir / f"progress-r{rank:03d}.json"
+        self.state = {"world_size": world_size, "settings": settings, "windows_done": 0, "shards": [], "counters": {}}
+        if self.path.is_file():
+            saved = json.loads(self.path.read_text())
+            if saved.get("settings") != settings:
+                raise ManifestError(f"{self.path}: this rank's partial output was made with other settings; "
+                                    f"delete {out_dir} to start over")
+            if saved.get("world_size") != world_size:
+                raise ManifestError(f"{self.path}: started with {saved.get('world_size')} ranks, now {world_size}; "
+                                    f"rerun with {saved.get('world_size')} ranks or delete {out_dir}")
+            self.state = saved
+
+    def counters(self) -> dict[str, Counter]:
+        return {name: Counter(values) for name, values in self.state["counters"].items()}
+
+    def commit(self, shard: dict | None, windows: int, pending: dict[str, Counter]) -> None:
+        """Fold `pending` and (if any) a newly closed shard into the file, atomically."""
+        merged = self.counters()
+        for name, values in pending.items():
+            merged.setdefault(name, Counter()).update(values)
+        self.state["counters"] = {name: dict(sorted(c.items(), key=lambda kv: str(kv[0]))) for name, c in merged.items()}
+        if shard is not None:
+            self.state["shards"].append(shard)
+        self.state["windows_done"] += windows
+        atomic_write_json(self.path, self.state)
+
+
+def gather_progress(out_dir: Path, settings: dict) -> list[dict]:
+    """Every rank's progress state (call on all ranks; each reads its own file)."""
+    env = dist.detect()
+    return dist.all_gather_object(RankProgress(out_dir, env.rank, env.world_size, settings).state)
+
+
+def merge_counters(states: list[dict]) -> dict[str, Counter]:
+    total: dict[str, Counter] = {}
+    for state in states:
+        for name, values in state["counters"].items():
+            total.setdefault(name, Counter()).update(values)
+    return total
+
+
+def run_pass(
+    teacher: Teacher, dataset, corpus_cfg, out_dir: Path, prefix: str, settings: dict, sink: Sink,
+    batch_size: int, shard_samples: int, tb_dir: Path, expected_tokens: int = 0,
+) -> None:
+    """Run this rank's share of `dataset` through the teacher into `out_dir`/`prefix`-rRRR-*.tar."""
+    env = dist.detect()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    progress = RankProgress(out_dir, env.rank, env.world_size, settings)
+    for stale in out_dir.glob(f".{prefix}-r{env.rank:03d}-*.partial"):
+        stale.unlink()  # the shard being written when the last run died
+    writer = RankShardWriter(out_dir, prefix, env.rank, shard_samples, first_index=len(progress.state["shards"]),
+                             close_when_full=False)
+    docs = corpus.documents_for_rank(dataset, env.rank, env.world_size)
+    windows = corpus.iter_windows(docs, teacher.tokenizer, corpus_cfg.max_length, corpus_cfg.stride)
+    batches = _batches(_skip(windows, progress.state["windows_done"]), batch_size)
+    pad = teacher.tokenizer.pad_token_id
+    tb = summary_writer(tb_dir.parent, tb_dir.name)
+    bar = tqdm(total=expected_tokens // env.world_size or None, unit="tok", disable=not env.is_main, desc=prefix)
+    pending: dict[str, Counter] = {}
+    n_windows, start, step = 0, time.time(), 0
+    for batch, hidden in run_lockstep(teacher, batches, lambda b: corpus.batch_windows(b, pad), batch_size):
+        for window, states in zip(batch, hidden.cpu().numpy()):
+            sink.write(writer, window, states[: len(window.input_ids)], pending)
+            pending.setdefault("totals", Counter()).update(windows=1, tokens=sum(window.owned))
+            crash_point(f"{prefix}.window")
+        n_windows += len(batch)
+        bar.update(sum(sum(w.owned) for w in batch))
+        if writer.full:
+            writer.close_shard()
+            progress.commit(writer.written[-1], n_windows, pending)
+            pending, n_windows = {}, 0
+            crash_point(f"{prefix}.commit")
+        step += 1
+        if step % 10 == 0:
+            tb.add_scalar("speed/tokens_per_s", bar.n / max(time.time() - start, 1e-9), step)
+    closed = len(writer.written)
+    writer.close()
+    if len(writer.written) > closed or n_windows:
+        progress.commit(writer.written[-1] if len(writer.written) > closed else None, n_windows, pending)
+    bar.close()
+    tb.close()
+
+
+def _skip(windows, n: int):
+    for i, window in enumerate(windows):
+        if i >= n:
+            yield window
+
+
+def _batches(windows, size: int):
+    batch = []
+    for window in windows:
+        batch.append(window)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
