@@ -14,11 +14,12 @@ from .config import ConfigError, RunConfig, describe
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by input or config: printed as one line, not as a traceback."""
     from .corpus import CorpusError
+    from .dictionary import DictionaryError
     from .manifest import ManifestError
     from .shards import ShardError
     from .teacher import TeacherError
 
-    return ConfigError, CorpusError, ManifestError, ShardError, TeacherError
+    return ConfigError, CorpusError, DictionaryError, ManifestError, ShardError, TeacherError
 
 
 def run_stage(description: str, stage_run, argv: list[str] | None = None):

@@ -1,0 +1,479 @@
+"""Batched per-token k-means for one tile of tokens: the pure maths of build_dict.
+
+Every token of a tile is its own clustering problem, and all of them run at once:
+a rank's vectors are grouped by token into padded chunks so that assigning them is
+one batched GEMM per chunk (||x||^2 - 2 x.c + ||c||^2 with a per-token sense mask),
+k-means++ takes one vectorised step per centre index, and MCL runs on a padded
+stack of affinity matrices. Arrays live on `xp` (cupy or numpy). Nothing here
+knows about MPI: callers pass `allreduce(array) -> array` (sum over ranks) and
+`allgather(array) -> array` (every rank's rows, in rank order), both on host numpy
+arrays; with the identity for both this is plain single-process k-means.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .backend import to_device, to_host
+
+Collective = Callable[[np.ndarray], np.ndarray]
+CHUNK_ELEMENTS = 1 << 25
+"""Floats in one padded chunk of gathered vectors (bounds the assignment's temporaries)."""
+MCL_PRUNE = 1e-3
+"""MCL flows below this are cut to zero (each column keeps its largest entry)."""
+
+
+def identity(array):
+    """The collective of a world of one process."""
+    return array
+
+
+@dataclass
+class LocalTile:
+    """One rank's vectors of one tile, rows sorted by (token slot, priority)."""
+
+    vectors: object
+    """xp float32 [N, d] (unit rows for spherical k-means)."""
+    slots: np.ndarray
+    """int64 [N]: the row's token position in the tile, 0..n_tokens-1."""
+    priority: np.ndarray
+    """uint64 [N]: deterministic draw; each token's subsample is its lowest priorities over all ranks."""
+    offsets: np.ndarray
+    """int64 [n_tokens + 1]: rows of slot t are offsets[t]:offsets[t+1]."""
+    sq_norms: object
+    """xp float32 [N]: squared norms of the rows."""
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.offsets) - 1
+
+
+@dataclass
+class Subsample:
+    """The same bounded subsample of every token on every rank, padded: valid points first."""
+
+    points: object
+    """xp float32 [T, s, d]."""
+    mask: object
+    """xp bool [T, s]."""
+    counts: np.ndarray
+    """int64 [T]: valid points per token."""
+
+
+@dataclass
+class TileResult:
+    centres: np.ndarray
+    """float32 [T, K, d]: senses of each token, most frequent first; only `valid` entries are senses."""
+    valid: np.ndarray
+    """bool [T, K]."""
+    counts: np.ndarray
+    """int64 [T, K]: vectors (over all ranks) nearest each sense."""
+    vectors_per_token: np.ndarray
+    """int64 [T]: vectors of each token over all ranks."""
+    kept_as_vectors: np.ndarray
+    """bool [T]: tokens with no more vectors than their k, whose senses are their distinct vectors."""
+    inertia: float
+    """Sum over all ranks of squared distances to the nearest final sense."""
+    history: list = field(default_factory=list)
+    """Per Lloyd iteration: inertia, shift (summed squared centre movement) and reseeded senses."""
+    labels: object = None
+    """xp int64 [N]: this rank's rows' sense (within their token), in LocalTile row order."""
+    distances: object = None
+    """xp float32 [N]: squared distance of each local row to its sense."""
+    mcl_clusters: np.ndarray | None = None
+    """int64 [T]: MCL clusters found per token (k_policy=mcl only)."""
+
+
+def make_local_tile(vectors: np.ndarray, slots, priority, n_tokens: int, xp, spherical: bool = False):
+    """Sort a rank's rows by (slot, priority) onto `xp`; returns (LocalTile, the row order applied)."""
+    slots = np.asarray(slots, dtype=np.int64)
+    priority = np.asarray(priority, dtype=np.uint64)
+    order = np.lexsort((priority, slots))
+    rows = to_device(np.ascontiguousarray(np.asarray(vectors, dtype=np.float32)[order]), xp)
+    if spherical:
+        rows = rows / xp.maximum(xp.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    offsets = np.zeros(n_tokens + 1, dtype=np.int64)
+    np.cumsum(np.bincount(slots, minlength=n_tokens), out=offsets[1:])
+    tile = LocalTile(rows, slots[order], priority[order], offsets, (rows * rows).sum(axis=1))
+    return tile, order
+
+
+def rank_in_group(sorted_groups: np.ndarray) -> np.ndarray:
+    """Position of each element within its run of equal values (input grouped)."""
+    n = len(sorted_groups)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.r_[True, sorted_groups[1:] != sorted_groups[:-1]]
+    return np.arange(n) - np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+
+
+# ----------------------------------------------------------------------------- subsample
+
+
+def gather_subsample(local: LocalTile, cap: np.ndarray, allgather: Collective, xp) -> Subsample:
+    """Every token's `cap[t]` lowest-priority vectors over all ranks, identical on every rank.
+
+    Two rounds keep traffic bounded: first the (slot, priority) keys of each rank's
+    own lowest `cap` rows, from which every rank derives the same per-token priority
+    threshold; then only the rows under it. The result does not depend on how the
+    rows are spread over ranks, so 1 and N ranks derive the same k and start.
+    """
+    n_tokens, d = local.n_tokens, int(local.vectors.shape[1])
+    candidate = rank_in_group(local.slots) < cap[local.slots]
+    keys = allgather(np.stack([local.slots[candidate].astype(np.uint64), local.priority[candidate]], axis=1))
+    keys = keys[np.lexsort((keys[:, 1], keys[:, 0]))]
+    key_slots = keys[:, 0].astype(np.int64)
+    taken = rank_in_group(key_slots) < cap[key_slots]
+    threshold = np.zeros(n_tokens, dtype=np.uint64)
+    np.maximum.at(threshold, key_slots[taken], keys[taken, 1])
+    has_any = np.bincount(key_slots[taken], minlength=n_tokens) > 0
+    chosen = np.flatnonzero(candidate & has_any[local.slots] & (local.priority <= threshold[local.slots]))
+    points = allgather(to_host(local.vectors[to_device(chosen, xp)]).reshape(-1, d))
+    ids = allgather(np.stack([local.slots[chosen].astype(np.uint64), local.priority[chosen]], axis=1))
+    order = np.lexsort((ids[:, 1], ids[:, 0]))
+    slots = ids[order, 0].astype(np.int64)
+    counts = np.bincount(slots, minlength=n_tokens).astype(np.int64)
+    width = max(1, int(counts.max(initial=0)))
+    padded = np.zeros((n_tokens, width, d), dtype=np.float32)
+    mask = np.zeros((n_tokens, width), dtype=bool)
+    position = rank_in_group(slots)
+    padded[slots, position] = points[order]
+    mask[slots, position] = True
+    return Subsample(to_device(padded, xp), to_device(mask, xp), counts)
+
+
+# ----------------------------------------------------------------------------- number of senses
+
+
+def senses_from_mcl(n_clusters) -> np.ndarray:
+    """The paper's rule: int(0.1 n) senses, int(0.4 n) above 900 clusters, at least 5."""
+    n = np.asarray(n_clusters, dtype=np.int64)
+    k = np.where(n > 900, (0.4 * n).astype(np.int64), (0.1 * n).astype(np.int64))
+    return np.maximum(k, 5)
+
+
+def mcl_cluster_counts(sub: Subsample, expansion: int, inflation: float, max_iter: int, xp) -> np.ndarray:
+    """Markov clusters of each token's subsample on affinities 1/(euclidean + 0.01), batched."""
+    n_tokens, width, _ = sub.points.shape
+    per_chunk = max(1, CHUNK_ELEMENTS // (width * width))
+    counts = [
+        _mcl_chunk(sub.points[s : s + per_chunk], sub.mask[s : s + per_chunk], expansion, inflation, max_iter, xp)
+        for s in range(0, n_tokens, per_chunk)
+    ]
+    return np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)
+
+
+def _normalise_columns(flow, xp):
+    total = flow.sum(axis=1, keepdims=True)
+    return flow / xp.where(total > 0, total, 1)
+
+
+def _mcl_chunk(points, mask, expansion: int, inflation: float, max_iter: int, xp) -> np.ndarray:
+    width = points.shape[1]
+    sq = (points * points).sum(-1)
+    dist = xp.sqrt(xp.maximum(sq[:, :, None] + sq[:, None, :] - 2 * (points @ points.transpose(0, 2, 1)), 0))
+    # Self-loops weigh 1, as markov_clustering's run_mcl (the reference) sets its diagonal.
+    eye = xp.eye(width, dtype=bool)
+    pair = mask[:, :, None] & mask[:, None, :]
+    affinity = xp.where(eye, 1.0, 1.0 / (dist + 0.01))
+    flow = _normalise_columns(xp.where(pair, affinity, 0).astype(xp.float32), xp)
+    for _ in range(max_iter):
+        previous = flow
+        for _ in range(expansion - 1):
+            flow = flow @ previous
+        flow = _normalise_columns(flow**inflation, xp)
+        keep = (flow >= MCL_PRUNE) | (flow == flow.max(axis=1, keepdims=True))
+        flow = flow * keep
+        if bool((xp.abs(flow - previous) <= 1e-8 + 1e-5 * xp.abs(previous)).all()):
+            break
+    # A cluster is the support of an attractor's row; attractors of one cluster share it.
+    # Supports are compared by an exact integer signature (random weights < 2^40, sums < 2^53).
+    attractor = (xp.diagonal(flow, axis1=1, axis2=2) > 0) & mask
+    weights = to_device(np.random.default_rng(12345).integers(1, 1 << 40, width).astype(np.float64), xp)
+    signature = xp.where(attractor, (flow > 0).astype(xp.float64) @ weights, -1.0)
+    ordered = xp.sort(signature, axis=1)
+    distinct = ((ordered[:, 1:] != ordered[:, :-1]) & (ordered[:, 1:] >= 0)).sum(axis=1) + (ordered[:, 0] >= 0)
+    return to_host(distinct).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- seeding
+
+
+def _sq_distances(points, sq, centres, xp):
+    """[T, s, m] squared distances of points [T, s, d] (norms sq) to centres [T, m, d]."""
+    cross = points @ centres.transpose(0, 2, 1)
+    return xp.maximum(sq[:, :, None] - 2 * cross + (centres * centres).sum(-1)[:, None, :], 0)
+
+
+def kmeans_plusplus(sub: Subsample, k: np.ndarray, rng: np.random.Generator, xp):
+    """Greedy k-means++ on each token's subsample, one vectorised step per centre index.
+
+    As in scikit-learn, each step draws 2 + log(k) candidates with probability
+    proportional to D^2 and keeps the one that lowers the potential most. Draws come
+    from `rng` on the host, so every rank and backend makes the same choices. A token
+    runs out of centres early when its points are all taken (potential 0).
+    """
+    points, mask = sub.points, sub.mask
+    n_tokens, width, d = points.shape
+    k_max = max(1, int(k.max(initial=1)))
+    trials = 2 + int(math.log(k_max))
+    tokens = xp.arange(n_tokens)
+    sq = (points * points).sum(-1)
+    k_dev, n_valid = to_device(k, xp), to_device(sub.counts, xp)
+    centres = xp.zeros((n_tokens, k_max, d), dtype=xp.float32)
+    valid = xp.zeros((n_tokens, k_max), dtype=bool)
+    first = to_device(np.minimum(rng.random(n_tokens) * sub.counts, np.maximum(sub.counts - 1, 0)).astype(np.int64), xp)
+    centres[:, 0] = points[tokens, first]
+    valid[:, 0] = (n_valid > 0) & (k_dev > 0)
+    closest = _sq_distances(points, sq, centres[:, :1], xp)[:, :, 0] * mask
+    for j in range(1, k_max):
+        potential = closest.sum(axis=1)
+        draws = to_device(rng.random((n_tokens, trials)), xp) * potential[:, None]
+        cumulative = xp.cumsum(closest, axis=1)
+        pick = (cumulative[:, None, :] < draws[:, :, None]).sum(axis=-1)
+        pick = xp.minimum(pick, xp.maximum(n_valid - 1, 0)[:, None])
+        candidates = points[tokens[:, None], pick]
+        trial = xp.minimum(closest[:, :, None], _sq_distances(points, sq, candidates, xp)) * mask[:, :, None]
+        best = xp.argmin(trial.sum(axis=1), axis=1)
+        active = (j < k_dev) & (potential > 0)
+        centres[:, j] = xp.where(active[:, None], candidates[tokens, best], 0)
+        closest = xp.where(active[:, None], trial[tokens, :, best], closest)
+        valid[:, j] = active
+    return centres, valid
+
+
+def keep_distinct_vectors(sub: Subsample, small: np.ndarray, centres, valid, xp):
+    """Tokens with no more vectors than their k: their distinct vectors become their senses.
+
+    The subsample holds all of such a token's vectors (it is at least k per token).
+    """
+    mask = to_host(sub.mask) & small[:, None]
+    token, position = np.nonzero(mask)
+    if len(token) == 0:
+        return centres, valid
+    rows = np.concatenate([token[:, None].astype(np.float64), to_host(sub.points)[token, position].astype(np.float64)], 1)
+    distinct = np.unique(rows, axis=0)
+    slots = distinct[:, 0].astype(np.int64)
+    small_dev = to_device(small, xp)
+    centres[small_dev] = 0
+    valid[small_dev] = False
+    at = (to_device(slots, xp), to_device(rank_in_group(slots), xp))
+    centres[at] = to_device(distinct[:, 1:].astype(np.float32), xp)
+    valid[at] = True
+    return centres, valid
+
+
+# ----------------------------------------------------------------------------- Lloyd iterations
+
+
+@dataclass
+class Chunk:
+    """Tokens of similar local row count, padded to one [t, n] block of row indices."""
+
+    slots: object
+    """xp int64 [t]."""
+    rows: object
+    """xp int64 [t, n]: row of LocalTile.vectors (0 where padding)."""
+    valid: object
+    """xp bool [t, n]."""
+
+
+def plan_chunks(offsets: np.ndarray, d: int, xp, budget: int | None = None) -> list[Chunk]:
+    """Group tokens by row count (power-of-two classes) into chunks of at most `budget` floats.
+
+    Within a class counts differ by under 2x, so padding costs less than half of each
+    chunk; the loop runs over classes and chunks, never over single tokens.
+    """
+    budget = budget or CHUNK_ELEMENTS
+    counts = np.diff(offsets)
+    present = np.flatnonzero(counts > 0)
+    size_class = np.floor(np.log2(counts[present])).astype(np.int64)
+    chunks = []
+    for cls in np.unique(size_class):
+        members = present[size_class == cls]
+        width = int(counts[members].max())
+        per_chunk = max(1, budget // (width * d))
+        column = np.arange(width)
+        for start in range(0, len(members), per_chunk):
+            slots = members[start : start + per_chunk]
+            valid = column < counts[slots][:, None]
+            rows = np.where(valid, offsets[slots][:, None] + column, 0)
+            chunks.append(Chunk(to_device(slots, xp), to_device(rows, xp), to_device(valid, xp)))
+    return chunks
+
+
+def _chunk_distances(local: LocalTile, chunk: Chunk, centres, centre_sq, valid, xp):
+    """Rows of a chunk, their nearest valid sense of their own token, and its squared distance."""
+    x = local.vectors[chunk.rows]
+    cross = x @ centres[chunk.slots].transpose(0, 2, 1)
+    dist = local.sq_norms[chunk.rows][:, :, None] - 2 * cross + centre_sq[chunk.slots][:, None, :]
+    dist = xp.where(valid[chunk.slots][:, None, :], xp.maximum(dist, 0), xp.inf)
+    labels = xp.argmin(dist, axis=2)
+    nearest = xp.take_along_axis(dist, labels[:, :, None], axis=2)[:, :, 0]
+    return x, labels, xp.where(chunk.valid & xp.isfinite(nearest), nearest, 0)
+
+
+def lloyd_stats(local: LocalTile, chunks: list[Chunk], centres, valid, xp) -> np.ndarray:
+    """This rank's per-sense sums, counts and inertia, packed into one float64 host buffer.
+
+    Packing makes an iteration cost one allreduce; sums of two halves of the rows
+    equal the sums of all rows, which is what lets ranks split the data.
+    """
+    n_tokens, k_max, d = centres.shape
+    sums = xp.zeros((n_tokens, k_max, d), dtype=xp.float64)
+    counts = xp.zeros((n_tokens, k_max), dtype=xp.float64)
+    inertia = xp.zeros(1, dtype=xp.float64)
+    centre_sq = (centres * centres).sum(axis=-1)
+    senses = xp.arange(k_max)
+    for chunk in chunks:
+        x, labels, nearest = _chunk_distances(local, chunk, centres, centre_sq, valid, xp)
+        members = ((labels[:, :, None] == senses) & chunk.valid[:, :, None]).astype(xp.float32)
+        sums[chunk.slots] = members.transpose(0, 2, 1) @ x
+        counts[chunk.slots] = members.sum(axis=1)
+        inertia += nearest.sum(dtype=xp.float64)
+    return to_host(xp.concatenate([sums.ravel(), counts.ravel(), inertia]))
+
+
+def unpack_stats(packed, n_tokens: int, k_max: int, d: int):
+    """(sums [T, K, d], counts [T, K], inertia) from a (summed) lloyd_stats buffer."""
+    split = n_tokens * k_max * d
+    sums = packed[:split].reshape(n_tokens, k_max, d)
+    return sums, packed[split : split + n_tokens * k_max].reshape(n_tokens, k_max), float(packed[-1])
+
+
+def assign_senses(local: LocalTile, chunks: list[Chunk], centres, valid, xp):
+    """(labels int64 [N], squared distances float32 [N]) of every local row, in row order."""
+    labels = xp.zeros(len(local.slots), dtype=xp.int64)
+    distances = xp.zeros(len(local.slots), dtype=xp.float32)
+    centre_sq = (centres * centres).sum(axis=-1)
+    for chunk in chunks:
+        _, chunk_labels, nearest = _chunk_distances(local, chunk, centres, centre_sq, valid, xp)
+        rows = chunk.rows[chunk.valid]
+        labels[rows] = chunk_labels[chunk.valid]
+        distances[rows] = nearest[chunk.valid]
+    return labels, distances
+
+
+def update_centres(sums, counts, centres, valid, spherical: bool, xp):
+    """New centres (means, or unit mean directions) and the mask of valid senses left empty."""
+    filled = valid & (counts > 0)
+    if spherical:
+        mean = sums / xp.maximum(xp.linalg.norm(sums, axis=2, keepdims=True), 1e-12)
+    else:
+        mean = sums / xp.maximum(counts, 1)[:, :, None]
+    return xp.where(filled[:, :, None], mean.astype(xp.float32), centres), valid & (counts == 0)
+
+
+def reseed_empty(sub: Subsample, centres, valid, empty, xp):
+    """Move each empty sense to the subsample point farthest from its nearest centre.
+
+    The subsample is the same on every rank, so every rank re-seeds identically. A
+    token's j-th empty sense takes its j-th farthest point; a sense with no point at
+    a positive distance left (all points are centres) is dropped.
+    """
+    if not bool(empty.any()):
+        return centres, valid, 0
+    sq = (sub.points * sub.points).sum(-1)
+    far = xp.where(valid[:, None, :], _sq_distances(sub.points, sq, centres, xp), xp.inf).min(axis=2)
+    far = xp.where(sub.mask, far, -1)
+    wanted = xp.clip(xp.cumsum(empty, axis=1) - 1, 0, far.shape[1] - 1)
+    pick = xp.take_along_axis(xp.argsort(-far, axis=1), wanted, axis=1)
+    moved = empty & (xp.take_along_axis(far, pick, axis=1) > 0)
+    tokens = xp.arange(centres.shape[0])[:, None]
+    centres = xp.where(moved[:, :, None], sub.points[tokens, pick], centres)
+    return centres, valid & ~(empty & ~moved), int(moved.sum())
+
+
+def run_lloyd(local, chunks, sub, centres, valid, allreduce: Collective, xp, cfg, on_iteration=None):
+    """Lloyd iterations with one allreduce each; stop on relative inertia change < tol or max_iter.
+
+    The allreduced inertia is identical on every rank, so the stopping decision is too.
+    """
+    n_tokens, k_max, d = centres.shape
+    history, previous = [], None
+    for iteration in range(cfg.max_iter):
+        packed = to_device(allreduce(lloyd_stats(local, chunks, centres, valid, xp)), xp)
+        sums, counts, inertia = unpack_stats(packed, n_tokens, k_max, d)
+        updated, empty = update_centres(sums, counts, centres, valid, cfg.spherical, xp)
+        updated, valid, reseeded = reseed_empty(sub, updated, valid, empty, xp)
+        shift = float(((updated - centres) ** 2).sum(dtype=xp.float64))
+        centres = updated
+        history.append({"iteration": iteration, "inertia": inertia, "shift": shift, "reseeded": reseeded})
+        if on_iteration is not None:
+            on_iteration(history[-1])
+        if shift == 0 or (previous is not None and abs(previous - inertia) <= cfg.tol * previous):
+            break
+        previous = inertia
+    return centres, valid, history
+
+
+def final_assignment(local, chunks, centres, valid, allreduce: Collective, xp):
+    """Labels and distances of the local rows under the final centres; global counts and inertia."""
+    n_tokens, k_max = valid.shape
+    labels, distances = assign_senses(local, chunks, centres, valid, xp)
+    flat = to_host(to_device(local.slots, xp) * k_max + labels)
+    local_counts = np.bincount(flat, minlength=n_tokens * k_max).astype(np.float64)
+    packed = allreduce(np.concatenate([local_counts, [float(distances.sum(dtype=xp.float64))]]))
+    counts = np.rint(packed[:-1]).astype(np.int64).reshape(n_tokens, k_max)
+    return labels, distances, counts, float(packed[-1])
+
+
+def order_senses(centres, valid, counts: np.ndarray, labels, slots: np.ndarray, xp):
+    """Most frequent sense first; senses no vector is nearest to are dropped. Labels follow."""
+    valid = to_host(valid) & (counts > 0)
+    perm = np.argsort(-np.where(valid, counts, -1), axis=1, kind="stable")
+    tokens = np.arange(len(perm))[:, None]
+    inverse = np.argsort(perm, axis=1, kind="stable")
+    labels = to_device(inverse, xp)[to_device(slots, xp), labels]
+    return to_host(centres)[tokens, perm], valid[tokens, perm], counts[tokens, perm], labels
+
+
+# ----------------------------------------------------------------------------- one tile
+
+
+def cluster_tile(local: LocalTile, cfg, allreduce: Collective = identity, allgather: Collective = identity, xp=np,
+                 seed: int = 0, k=None, on_iteration=None) -> TileResult:
+    """Senses of every token of a tile: choose k, seed, iterate, count. Same result on every rank.
+
+    `cfg` is a KMeansConfig; `seed` (the tile number) and cfg.seed seed k-means++;
+    `k` (int or [T]) overrides the k policy (for tests and experiments).
+    """
+    n_tokens, d = local.n_tokens, int(local.vectors.shape[1])
+    per_token = allreduce(np.bincount(local.slots, minlength=n_tokens).astype(np.int64))
+    if k is None and cfg.k_policy == "fixed":
+        k = cfg.k
+    floor = 5 if k is None else int(np.max(k))
+    sub = gather_subsample(local, np.minimum(per_token, max(cfg.subsample, floor)), allgather, xp)
+    clusters = None
+    if k is None:
+        clusters = mcl_cluster_counts(sub, cfg.mcl_expansion, cfg.mcl_inflation, cfg.mcl_iters, xp)
+        k = senses_from_mcl(clusters)
+    k = np.where(per_token > 0, np.broadcast_to(np.asarray(k, dtype=np.int64), (n_tokens,)), 0)
+    small = (per_token > 0) & (per_token <= k)
+    centres, valid = kmeans_plusplus(sub, k, np.random.default_rng([cfg.seed, seed]), xp)
+    centres, valid = keep_distinct_vectors(sub, small, centres, valid, xp)
+    chunks = plan_chunks(local.offsets, d, xp)
+    centres, valid, history = run_lloyd(local, chunks, sub, centres, valid, allreduce, xp, cfg, on_iteration)
+    labels, distances, counts, inertia = final_assignment(local, chunks, centres, valid, allreduce, xp)
+    centres, valid, counts, labels = order_senses(centres, valid, counts, labels, local.slots, xp)
+    return TileResult(centres, valid, counts, per_token, small, inertia, history, labels, distances, clusters)
+
+
+def tile_csr(result: TileResult):
+    """(slots that have senses, offsets [T'+1], centroids [S, d], counts [S]) of a tile."""
+    per_token = result.valid.sum(axis=1)
+    slots = np.flatnonzero(per_token > 0)
+    offsets = np.zeros(len(slots) + 1, dtype=np.int64)
+    np.cumsum(per_token[slots], out=offsets[1:])
+    return slots, offsets, result.centres[result.valid], result.counts[result.valid]
+
+
+def nearest_rows_per_sense(local: LocalTile, result: TileResult, limit: int) -> np.ndarray:
+    """Local rows closest to their sense, at most `limit` per sense (example contexts)."""
+    labels, distances = to_host(result.labels), to_host(result.distances)
+    order = np.lexsort((local.priority, distances, labels, local.slots))
+    group = local.slots[order] * result.valid.shape[1] + labels[order]
+    return order[rank_in_group(group) < limit]

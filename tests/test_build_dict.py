@@ -1,0 +1,240 @@
+"""build_dict end to end on a fabricated RUN/hidden/: output, resume, bad input, 1/2/4 MPI ranks, the Slurm script."""
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dist_sense import build_dict, manifest, shards, testing
+from dist_sense.config import RunConfig
+from dist_sense.dictionary import SenseDictionary, shard_name
+
+N_TOKENS, FIRST_TOKEN, VOCAB, D = 20, 5, 40, 8
+RARE_TOKEN, FEW_TOKEN = 30, 31  # under min_count; fewer vectors than k
+
+
+@pytest.fixture(autouse=True)
+def one_blas_thread():
+    """2 shared cores: spinning BLAS threads only slow the small GEMMs down."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def token_senses(seed=0):
+    """Two or three well-separated true senses for each clustered token."""
+    rng = np.random.default_rng(seed)
+    return {t: rng.normal(0, 5, (2 + t % 2, D)) for t in range(FIRST_TOKEN, FIRST_TOKEN + N_TOKENS)}
+
+
+def make_hidden_dir(run_dir: Path, dtype="fp16", samples=24, per_sample=20, extract_ranks=2, seed=0) -> Path:
+    """RUN/hidden/ as extract writes it: shards from `extract_ranks` writers plus manifest.json."""
+    rng = np.random.default_rng(seed)
+    senses = token_senses(seed)
+    hidden_dir = run_dir / "hidden"
+    writers = [shards.RankShardWriter(hidden_dir, "hidden", r, max_samples=5) for r in range(extract_ranks)]
+    kept: dict = {}
+    for i in range(samples):
+        tokens = rng.integers(FIRST_TOKEN, FIRST_TOKEN + N_TOKENS, per_sample)
+        if i == 0:
+            tokens[:3] = [RARE_TOKEN, FEW_TOKEN, FEW_TOKEN]
+        words = [f"w{t}" for t in tokens]
+        starts = np.cumsum([0] + [len(w) + 1 for w in words[:-1]])
+        hidden = np.stack([senses[t][rng.integers(len(senses[t]))] if t in senses else np.full(D, float(t)) for t in tokens])
+        hidden = hidden + rng.normal(0, 0.05, hidden.shape) * np.isin(tokens, list(senses))[:, None]
+        doc = {"doc": i, "window": 0, "start": 0, "text": " ".join(words),
+               "spans": [[int(s), int(s) + len(w)] for s, w in zip(starts, words)]}
+        writers[i % extract_ranks].write(f"d{i:05d}", {
+            "tokens.npy": shards.npy_bytes(tokens.astype(np.int32)),
+            "hidden.npy": shards.npy_bytes(shards.encode_hidden(hidden, dtype)),
+            "pos.npy": shards.npy_bytes(np.arange(1, per_sample + 1, dtype=np.int32)),
+            "doc.json": json.dumps(doc).encode(),
+        })
+        for t in tokens.tolist():
+            kept[str(t)] = kept.get(str(t), 0) + 1
+    for w in writers:
+        w.close()
+    body = {
+        "teacher": "/models/fake", "teacher_fingerprint": "teacher123", "tokenizer_fingerprint": "tok456", "layer": -1,
+        "d": D, "dtype": dtype, "vocab_size": VOCAB, "shards": [s for w in writers for s in w.written],
+        "kept_per_token": kept, "totals": {"kept": int(sum(kept.values()))},
+    }
+    manifest.write_manifest(hidden_dir, shards.HIDDEN_FORMAT, shards.HIDDEN_VERSION, body)
+    return hidden_dir
+
+
+def make_config(run_dir: Path, **kmeans) -> RunConfig:
+    settings = dict(k=3, tile_tokens=8, subsample=64, min_count=2, max_iter=30, examples_per_sense=2)
+    settings.update(kmeans)
+    return RunConfig.from_dict({"run_dir": str(run_dir), "kmeans": settings}).validate()
+
+
+def load_arrays(directory: Path) -> dict:
+    d = SenseDictionary.load(directory)
+    centres, mask, _ = d.padded()
+    return {"token_ids": d.token_ids, "num_senses": d.num_senses, "centres": centres, "mask": mask,
+            "counts": np.concatenate([d.sense_counts(t) for t in d.token_ids])}
+
+
+def test_end_to_end_one_rank(tmp_path):
+    make_hidden_dir(tmp_path)
+    out = build_dict.run(make_config(tmp_path))
+    assert out == tmp_path / "dictionary"
+    index = json.loads((out / "index.json").read_text())
+    assert index["format"] == "dist_sense.dictionary" and index["version"] == 1
+    assert index["teacher_fingerprint"] == "teacher123" and index["tokenizer_fingerprint"] == "tok456"
+    assert (index["d"], index["layer"], index["hidden_dtype"], index["k_policy"], index["k"]) == (D, -1, "fp16", "fixed", 3)
+    assert [s["file"] for s in index["shards"]] == [shard_name(i) for i in range(3)]  # 20 tokens / 8 per tile
+    assert index["shards"][0]["first_token"] == FIRST_TOKEN
+    totals = index["totals"]
+    assert totals["tokens_below_min_count"] == 1 and totals["vectors_below_min_count"] == 1
+    assert totals["tokens_kept_as_vectors"] == 1 and totals["tokens"] == N_TOKENS + 1
+    assert not (out / ".work").exists()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb" / "kmeans"))
+    events.Reload()
+    assert {"kmeans/inertia", "kmeans/centre_shift", "kmeans/reseeded", "speed/tile_s",
+            "speed/allreduce_share"} <= set(events.Tags()["scalars"])
+    assert events.Tags()["histograms"] == ["kmeans/senses_per_token"]
+
+    d = SenseDictionary.load(out)
+    assert RARE_TOKEN not in d and FEW_TOKEN in d
+    assert len(d.senses(FEW_TOKEN)) == 1 and d.sense_counts(FEW_TOKEN).tolist() == [2]  # two equal vectors
+    senses = token_senses()
+    for t, true in senses.items():  # k=3: each true sense (2 or 3 per token) has a centre next to it
+        found = d.senses(t)
+        assert len(found) == 3 and d.sense_counts(t).sum() == index_count(tmp_path, t)
+        assert np.abs(found[:, None] - true[None]).max(-1).min(0).max() < 0.1
+    t = FIRST_TOKEN  # three true senses (2 + t % 2)
+    picked = d.nearest(np.full(len(senses[t]), t), senses[t].astype(np.float32), similarity="l2")
+    assert sorted(picked.tolist()) == list(range(len(senses[t])))
+    examples = d.examples(t)
+    assert len(examples) == len(senses[t]) and all(1 <= len(e) <= 2 for e in examples)
+    assert all(f"[[w{t}]]" in text for e in examples for text in e)
+
+
+def index_count(run_dir: Path, token: int) -> int:
+    return json.loads((run_dir / "hidden" / "manifest.json").read_text())["kept_per_token"][str(token)]
+
+
+def test_resume_rebuilds_only_missing_tile(tmp_path):
+    make_hidden_dir(tmp_path)
+    cfg = make_config(tmp_path)
+    out = build_dict.run(cfg)
+    before = load_arrays(out)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("senses-*")}
+    (out / shard_name(1)).unlink()
+    build_dict.run(cfg)
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("senses-*")}
+    changed = sorted(name for name in after if after[name] != stamps.get(name))
+    assert changed == ["senses-00001.examples.json", shard_name(1)]
+    for key, value in load_arrays(out).items():
+        np.testing.assert_array_equal(value, before[key], err_msg=key)
+    # other settings make every tile stale
+    build_dict.run(make_config(tmp_path, k=2))
+    assert all(p.stat().st_mtime_ns != stamps[p.name] for p in out.glob("senses-*.safetensors"))
+
+
+def test_missing_manifest(tmp_path):
+    with pytest.raises(manifest.ManifestError, match=r"hidden/manifest.json: no manifest .*extract"):
+        build_dict.run(make_config(tmp_path))
+
+
+def test_foreign_manifest_version(tmp_path):
+    hidden_dir = make_hidden_dir(tmp_path)
+    data = json.loads((hidden_dir / "manifest.json").read_text())
+    manifest.atomic_write_json(hidden_dir / "manifest.json", {**data, "version": 99})
+    with pytest.raises(manifest.ManifestError, match=r"manifest.json: dist_sense.hidden version 99"):
+        build_dict.run(make_config(tmp_path))
+    manifest.atomic_write_json(hidden_dir / "manifest.json", {**data, "format": "dist_sense.labels"})
+    with pytest.raises(manifest.ManifestError, match=r"manifest.json: format is 'dist_sense.labels'"):
+        build_dict.run(make_config(tmp_path))
+
+
+def test_corrupted_shard(tmp_path):
+    hidden_dir = make_hidden_dir(tmp_path)
+    victim = sorted(hidden_dir.glob("hidden-*.tar"))[1]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+    with pytest.raises(shards.ShardError, match=victim.name):
+        build_dict.run(make_config(tmp_path))
+
+
+def test_missing_shard_file(tmp_path):
+    hidden_dir = make_hidden_dir(tmp_path)
+    victim = sorted(hidden_dir.glob("hidden-*.tar"))[0]
+    victim.unlink()
+    with pytest.raises(manifest.ManifestError, match=victim.name):
+        build_dict.run(make_config(tmp_path))
+
+
+def test_mcl_and_spherical_run(tmp_path):
+    make_hidden_dir(tmp_path, dtype="bf16")
+    out = build_dict.run(make_config(tmp_path, k_policy="mcl", spherical=True))
+    d = SenseDictionary.load(out)
+    index = json.loads((out / "index.json").read_text())
+    assert index["k_policy"] == "mcl" and index["k"] is None and index["hidden_dtype"] == "bf16"
+    multi = [t for t in d.token_ids if d.num_senses[d.token_to_row[t]] > 1]
+    assert multi and all(np.allclose(np.linalg.norm(d.senses(t), axis=1), 1, atol=1e-5) for t in multi)
+
+
+@pytest.mark.slow
+def test_mpi_ranks_agree(tmp_path):
+    """1, 2 and 4 MPI ranks build the same dictionary from the same hidden/ and seed."""
+    hidden_dir = make_hidden_dir(tmp_path / "source", samples=30)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(make_config(tmp_path).to_dict()))
+    results = {}
+    for nproc in (1, 2, 4):
+        run_dir = tmp_path / f"run{nproc}"
+        run_dir.mkdir()
+        (run_dir / "hidden").symlink_to(hidden_dir)
+        if nproc == 1:  # `mpirun -n 1` takes the same no-MPI path as a plain process: save a launch
+            build_dict.run(RunConfig.load(config, [f"run_dir={run_dir}"]))
+        else:
+            proc = testing.run_mpirun(testing.REPO_ROOT / "launcher" / "build_dict.py",
+                                      ["--config", config, f"run_dir={run_dir}"], nproc=nproc, timeout=120)
+            assert proc.stdout.strip() == str(run_dir / "dictionary")  # printed once, by rank 0
+            assert f"{nproc} ranks on numpy" in proc.stderr
+        results[nproc] = load_arrays(run_dir / "dictionary")
+    for nproc in (2, 4):
+        for key in ("token_ids", "num_senses", "mask", "counts"):
+            np.testing.assert_array_equal(results[nproc][key], results[1][key], err_msg=f"{nproc} ranks: {key}")
+        np.testing.assert_allclose(results[nproc]["centres"], results[1]["centres"], atol=1e-5, err_msg=f"{nproc} ranks")
+
+
+@pytest.mark.slow
+def test_mpi_bad_input_fails_fast(tmp_path):
+    """A corrupted shard read by one rank ends the whole MPI job with the file named, no hang."""
+    hidden_dir = make_hidden_dir(tmp_path)
+    victim = sorted(hidden_dir.glob("hidden-*.tar"))[1]
+    victim.write_bytes(victim.read_bytes()[:1000])
+    proc = testing.run_mpirun(testing.REPO_ROOT / "launcher" / "build_dict.py", [f"run_dir={tmp_path}"], nproc=2,
+                              timeout=60, check=False)
+    assert proc.returncode != 0 and victim.name in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_slurm_script_local(tmp_path, tiny_bert, toy_corpus):
+    """`bash slurm/build_dict.sh` outside Slurm: deepspeed extraction, then mpirun k-means."""
+    if not (testing.REPO_ROOT / "launcher" / "extract.py").is_file():
+        pytest.skip("launcher/extract.py not built yet")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({
+        "run_dir": str(tmp_path / "run"), "model": {"teacher": str(tiny_bert)}, "corpus": {"path": str(toy_corpus)},
+        "extract": {"cap": 20}, "kmeans": {"k": 3, "tile_tokens": 16},
+    }))
+    bin_dir = str(Path(sys.executable).parent)
+    env = {"CONFIG": str(config), "NPROC": "2", "PYTHON": sys.executable, "PATH": bin_dir + os.pathsep + os.environ["PATH"]}
+    proc = testing.run_command(["bash", "slurm/build_dict.sh", "kmeans.max_iter=20"], timeout=600, env=env, check=False)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    d = SenseDictionary.load(tmp_path / "run" / "dictionary")
+    assert len(d) > 10 and d.k_max <= 3
+    from transformers import AutoTokenizer
+
+    d.check_tokenizer(AutoTokenizer.from_pretrained(tiny_bert))
+    shutil.rmtree(tmp_path / "run")

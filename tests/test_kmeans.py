@@ -1,0 +1,224 @@
+"""The pure maths of build_dict: batched per-token k-means, MCL k rule, seeding, collectives as arguments."""
+import functools
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from dist_sense import kmeans
+from dist_sense.config import KMeansConfig
+
+D = 16
+
+
+@pytest.fixture(autouse=True)
+def one_blas_thread():
+    """2 shared cores: spinning BLAS threads only slow the small GEMMs down."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    """50 tokens, each a mixture of 3-8 well-separated Gaussians, 100-300 vectors."""
+    rng = np.random.default_rng(0)
+    tokens = []
+    for _ in range(50):
+        k = int(rng.integers(3, 9))
+        centres = rng.normal(0, 10, (k, D))
+        labels = np.arange(int(rng.integers(100, 301))) % k  # every cluster populated
+        tokens.append((centres[labels] + rng.normal(0, 1, (len(labels), D)), labels, k))
+    vectors = np.concatenate([t[0] for t in tokens]).astype(np.float32)
+    slots = np.concatenate([np.full(len(t[0]), i) for i, t in enumerate(tokens)])
+    priority = rng.integers(0, 2**63, len(slots), dtype=np.uint64)
+    return tokens, vectors, slots, priority, np.array([t[2] for t in tokens])
+
+
+def config(**kw):
+    settings = dict(subsample=300, max_iter=100, tol=1e-6)
+    settings.update(kw)
+    return KMeansConfig(**settings)
+
+
+def per_token_inertia(local, result):
+    return np.bincount(local.slots, weights=result.distances, minlength=local.n_tokens)
+
+
+def test_recovers_true_centres(mixture):
+    tokens, vectors, slots, priority, ks = mixture
+    local, _ = kmeans.make_local_tile(vectors, slots, priority, len(tokens), np)
+    result = kmeans.cluster_tile(local, config(), xp=np, k=ks)
+    assert (result.valid.sum(axis=1) == ks).all()
+    for t, (x, labels, k) in enumerate(tokens):
+        means = np.stack([x[labels == j].mean(axis=0) for j in range(k)])
+        found = result.centres[t, :k]
+        assert np.abs(means[:, None] - found[None]).max(-1).min(1).max() < 1e-3, f"token {t}"
+        assert sorted(result.counts[t, :k]) == sorted(np.bincount(labels))
+
+
+def test_inertia_close_to_sklearn(mixture):
+    from sklearn.cluster import KMeans
+
+    tokens, vectors, slots, priority, ks = mixture
+    local, _ = kmeans.make_local_tile(vectors, slots, priority, len(tokens), np)
+    ours = per_token_inertia(local, kmeans.cluster_tile(local, config(), xp=np, k=ks))
+    theirs = np.array([
+        KMeans(k, init="k-means++", n_init=1, random_state=t).fit(x.astype(np.float32)).inertia_
+        for t, (x, _, k) in enumerate(tokens)
+    ])
+    ratio = ours.mean() / theirs.mean()
+    print(f"mean inertia ratio vs scikit-learn: {ratio:.6f}")
+    assert ratio <= 1.02
+
+
+def test_tiny_chunks_give_the_same_result(mixture, monkeypatch):
+    tokens, vectors, slots, priority, ks = mixture
+    local, _ = kmeans.make_local_tile(vectors, slots, priority, len(tokens), np)
+    whole = kmeans.cluster_tile(local, config(), xp=np, k=ks)
+    monkeypatch.setattr(kmeans, "CHUNK_ELEMENTS", 300 * D)  # one or two tokens per chunk
+    assert len(kmeans.plan_chunks(local.offsets, D, np)) > 20
+    chunked = kmeans.cluster_tile(local, config(), xp=np, k=ks)
+    np.testing.assert_allclose(chunked.centres, whole.centres, atol=1e-5)
+    np.testing.assert_array_equal(chunked.counts, whole.counts)
+
+
+def clustered_token(rng, n_clusters, per_cluster, spread=0.01):
+    centres = rng.normal(0, 10, (n_clusters, D))
+    return (centres[:, None] + rng.normal(0, spread, (n_clusters, per_cluster, D))).reshape(-1, D)
+
+
+def test_mcl_k_rule():
+    assert kmeans.senses_from_mcl([0, 30, 59, 60, 899, 900, 901, 1000]).tolist() == [5, 5, 5, 6, 89, 90, 360, 400]
+    rng = np.random.default_rng(1)
+    groups = [clustered_token(rng, 7, 10), clustered_token(rng, 60, 3)]
+    vectors = np.concatenate(groups).astype(np.float32)
+    slots = np.repeat([0, 1], [len(g) for g in groups])
+    local, _ = kmeans.make_local_tile(vectors, slots, rng.integers(0, 2**63, len(slots), dtype=np.uint64), 2, np)
+    sub = kmeans.gather_subsample(local, np.array([1000, 1000]), kmeans.identity, np)
+    assert kmeans.mcl_cluster_counts(sub, 2, 1.65, 30, np).tolist() == [7, 60]
+    result = kmeans.cluster_tile(local, config(k_policy="mcl"), xp=np)
+    assert result.mcl_clusters.tolist() == [7, 60]
+    assert result.valid.sum(axis=1).tolist() == [5, 6]
+
+
+def test_tokens_with_few_vectors_keep_their_distinct_vectors():
+    a, b, c = (np.full(D, v, dtype=np.float32) for v in (1.0, 2.0, 3.0))
+    rng = np.random.default_rng(2)
+    many = rng.normal(0, 1, (40, D)).astype(np.float32)
+    vectors = np.stack([a, b, a, a, b, c] + list(many))
+    slots = np.array([0, 0, 0, 1, 1, 1] + [2] * 40)  # 3 vectors (2 distinct), 3 distinct, 40
+    local, _ = kmeans.make_local_tile(vectors, slots, rng.integers(0, 2**63, len(slots), dtype=np.uint64), 3, np)
+    result = kmeans.cluster_tile(local, config(k=3), xp=np)
+    assert result.kept_as_vectors.tolist() == [True, True, False]
+    assert result.valid.sum(axis=1).tolist() == [2, 3, 3]
+    np.testing.assert_array_equal(result.centres[0, :2], [a, b])  # most frequent first
+    assert result.counts[0, :2].tolist() == [2, 1] and result.counts[1].tolist() == [1, 1, 1]
+    assert {tuple(c) for c in result.centres[1]} == {tuple(a), tuple(b), tuple(c)}
+
+
+def test_spherical_centres_are_unit(mixture):
+    tokens, vectors, slots, priority, ks = mixture
+    local, _ = kmeans.make_local_tile(vectors * 7, slots, priority, len(tokens), np, spherical=True)
+    result = kmeans.cluster_tile(local, config(spherical=True, k=4), xp=np)
+    norms = np.linalg.norm(result.centres[result.valid], axis=1)
+    np.testing.assert_allclose(norms, 1, atol=1e-5)
+
+
+def test_lloyd_stats_of_halves_sum_to_the_whole(mixture):
+    tokens, vectors, slots, priority, ks = mixture
+    sub_cfg = config(k=5, max_iter=1)
+    whole, _ = kmeans.make_local_tile(vectors, slots, priority, len(tokens), np)
+    sub = kmeans.gather_subsample(whole, np.full(len(tokens), 300), kmeans.identity, np)
+    centres, valid = kmeans.kmeans_plusplus(sub, np.full(len(tokens), sub_cfg.k), np.random.default_rng(0), np)
+    halves = [np.arange(len(slots)) % 2 == r for r in (0, 1)]
+    parts = [kmeans.make_local_tile(vectors[h], slots[h], priority[h], len(tokens), np)[0] for h in halves]
+    stats = [kmeans.lloyd_stats(p, kmeans.plan_chunks(p.offsets, D, np), centres, valid, np) for p in [whole] + parts]
+    np.testing.assert_allclose(stats[1] + stats[2], stats[0], rtol=1e-6, atol=1e-3)
+
+
+class ThreadRanks:
+    """Collectives between threads: a stand-in for MPI that runs in one process."""
+
+    def __init__(self, n: int):
+        self.barrier = threading.Barrier(n, timeout=60)
+        self.inbox = [None] * n
+
+    def exchange(self, rank: int, array):
+        self.inbox[rank] = np.array(array, copy=True)
+        self.barrier.wait()
+        parts = list(self.inbox)
+        self.barrier.wait()
+        return parts
+
+    def allreduce(self, rank):
+        return lambda array: functools.reduce(np.add, self.exchange(rank, array))
+
+    def allgather(self, rank):
+        return lambda array: np.concatenate(self.exchange(rank, array))
+
+
+def test_two_ranks_equal_one(mixture):
+    """Rows split unevenly over two thread-ranks give the single-process senses."""
+    tokens, vectors, slots, priority, ks = mixture
+    cfg = config(k=6, subsample=50, tol=1e-4)
+    single_local, _ = kmeans.make_local_tile(vectors, slots, priority, len(tokens), np)
+    single = kmeans.cluster_tile(single_local, cfg, xp=np, seed=3)
+    owner = np.random.default_rng(5).random(len(slots)) < 0.3
+    ranks = ThreadRanks(2)
+
+    def run_rank(rank):
+        mine = owner if rank == 0 else ~owner
+        local, _ = kmeans.make_local_tile(vectors[mine], slots[mine], priority[mine], len(tokens), np)
+        return kmeans.cluster_tile(local, cfg, ranks.allreduce(rank), ranks.allgather(rank), np, seed=3)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(run_rank, [0, 1]))
+    for result in results:
+        np.testing.assert_array_equal(result.valid, single.valid)
+        np.testing.assert_array_equal(result.counts, single.counts)
+        np.testing.assert_allclose(result.centres, single.centres, atol=1e-4)
+        assert len(result.history) == len(single.history)
+        assert result.inertia == pytest.approx(single.inertia, rel=1e-6)
+
+
+def test_subsample_does_not_depend_on_the_split(mixture):
+    tokens, vectors, slots, priority, ks = mixture
+    cap = np.full(len(tokens), 40)
+    whole, _ = kmeans.make_local_tile(vectors, slots, priority, len(tokens), np)
+    expected = kmeans.gather_subsample(whole, cap, kmeans.identity, np)
+    assert (expected.counts == 40).all()
+    owner = np.arange(len(slots)) % 3 == 0
+    ranks = ThreadRanks(2)
+
+    def run_rank(rank):
+        mine = owner if rank == 0 else ~owner
+        local, _ = kmeans.make_local_tile(vectors[mine], slots[mine], priority[mine], len(tokens), np)
+        return kmeans.gather_subsample(local, cap, ranks.allgather(rank), np)
+
+    with ThreadPoolExecutor(2) as pool:
+        for sub in pool.map(run_rank, [0, 1]):
+            np.testing.assert_array_equal(sub.points, expected.points)
+            np.testing.assert_array_equal(sub.mask, expected.mask)
+
+
+def test_empty_sense_is_reseeded_to_the_farthest_point():
+    points = np.array([[[0.0, 0.0], [1.0, 0.0], [10.0, 0.0], [0.0, 0.0]]], dtype=np.float32)
+    sub = kmeans.Subsample(points, np.array([[True, True, True, False]]), np.array([3]))
+    centres = np.array([[[0.5, 0.0], [100.0, 100.0]]], dtype=np.float32)
+    valid = np.array([[True, True]])
+    empty = np.array([[False, True]])
+    moved, still_valid, count = kmeans.reseed_empty(sub, centres, valid, empty, np)
+    assert count == 1 and still_valid.all()
+    np.testing.assert_array_equal(moved[0, 1], [10.0, 0.0])
+    np.testing.assert_array_equal(moved[0, 0], [0.5, 0.0])
+
+
+def test_duplicate_points_give_fewer_senses_not_empty_ones():
+    vectors = np.repeat(np.eye(D, dtype=np.float32)[:2], 20, axis=0)  # 40 vectors, 2 distinct
+    local, _ = kmeans.make_local_tile(vectors, np.zeros(40), np.arange(40, dtype=np.uint64), 1, np)
+    result = kmeans.cluster_tile(local, config(k=5), xp=np)
+    assert result.valid.sum() == 2 and result.counts[0, :2].tolist() == [20, 20]
+    assert result.inertia == 0
