@@ -45,7 +45,7 @@ def parse_run_config(description: str, argv: list[str] | None = None) -> RunConf
         epilog="Any config key can be overridden as key=value (sections dotted, e.g. kmeans.k=10). "
         "--list-keys prints every key with its default and meaning.",
     )
-    parser.add_argument("--config", help="run config JSON (defaults for anything it leaves out)")
+    parser.add_argument("--config", help="run config JSON (default: RUN/config.json of run_dir=RUN when it exists)")
     parser.add_argument("--list-keys", action="store_true", help="print every config key and exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--deepspeed", help="DeepSpeed engine JSON (sets distill.ds_config)")
@@ -57,7 +57,19 @@ def parse_run_config(description: str, argv: list[str] | None = None) -> RunConf
     overrides = list(args.overrides)
     if args.deepspeed:
         overrides.append(f"distill.ds_config={args.deepspeed}")
+    config = args.config or _saved_run_config(overrides)
     try:
-        return RunConfig.load(args.config, overrides)
+        return RunConfig.load(config, overrides)
     except ConfigError as err:
         parser.exit(2, f"config error: {err}\n")
+
+
+def _saved_run_config(overrides: list[str]) -> str | None:
+    """RUN/config.json when `run_dir=RUN` is given without --config: a later stage reuses the run's config."""
+    from pathlib import Path
+
+    for item in overrides:
+        if item.startswith("run_dir="):
+            saved = Path(item.split("=", 1)[1]) / "config.json"
+            return str(saved) if saved.is_file() else None
+    return None

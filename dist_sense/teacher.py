@@ -117,18 +117,20 @@ class Teacher:
     @torch.no_grad()
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B, L, d] float32 states of the configured layer (the final-norm output for the last)."""
-        want_all = self.layer != self.n_layers
-        out = self.engine.module(
-            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-            output_hidden_states=want_all, return_dict=True,
-        )
-        states = out.hidden_states[self.layer] if want_all else out.last_hidden_state
-        return states.float()
+        return layer_states(self.engine.module, input_ids.to(self.device), attention_mask.to(self.device),
+                            self.layer, self.n_layers)
 
     def dummy_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch whose only purpose is to keep this rank in step with the others."""
         ids = torch.full((batch_size, 2), self.tokenizer.pad_token_id, dtype=torch.long)
         return ids, torch.ones_like(ids)
+
+
+def layer_states(model, input_ids, attention_mask, layer: int, n_layers: int) -> torch.Tensor:
+    """[B, L, d] float32 states of `layer` (0..n_layers) of an HF model; the last is its final output."""
+    want_all = layer != n_layers
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=want_all, return_dict=True)
+    return (out.hidden_states[layer] if want_all else out.last_hidden_state).float()
 
 
 def normalise_layer(layer: int, n_layers: int) -> int:
