@@ -214,9 +214,21 @@ class EvalConfig:
     """Windows per forward call."""
     similarity: str = "dot"
     """Sense snapping rule at evaluation: dot, cos or l2."""
+    probe_tasks: list = field(default_factory=list)
+    """Sentence classification probes as name=path.jsonl (one {"text", "label"} per line)."""
+    wic_path: str = ""
+    """Word-in-context pairs, jsonl of {"text1", "start1", "end1", "text2", "start2", "end2", "same"}."""
+    max_probe_examples: int = 2000
+    """Examples read per probe task (and WiC pairs)."""
+    mse_student: str = ""
+    """The MSE-trained baseline student; empty means RUN/student_mse/final when it exists."""
 
     def validate(self) -> None:
         _check_positive("eval.max_documents", self.max_documents)
+        _check_positive("eval.max_probe_examples", self.max_probe_examples)
+        for task in self.probe_tasks:
+            if "=" not in str(task):
+                raise ConfigError(f"eval.probe_tasks: {task!r} must be name=path.jsonl")
         _check_positive("eval.batch_size", self.batch_size)
         _check_choice("eval.similarity", self.similarity, SIMILARITIES)
 
