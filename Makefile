@@ -31,8 +31,22 @@ test: install
 test-fast: install
 	$(PY) -m pytest tests -q -m "not slow"
 
+# The main job, end to end on 2 local ranks: a real model (all-MiniLM-L6-v2) and real
+# English text (WordNet 3.0). Every stage resumes, so rerunning finishes an interrupted demo.
+DEMO_RUN ?= runs/demo
+DEMO_NPROC ?= 2
+DEMO_CFG := $(DEMO_RUN)/demo.json
+DS := $(VENV)/bin/deepspeed --num_gpus $(DEMO_NPROC) --master_port $$($(PY) -c 'from dist_sense.dist import free_port; print(free_port())')
+
 demo: install
-	@echo "make demo arrives with the SenseEncoder/demo issue (issue 6)"; exit 2
+	$(PY) -m dist_sense.demo --run-dir $(DEMO_RUN)
+	$(DS) launcher/extract.py --config $(DEMO_CFG)
+	$(VENV)/bin/mpirun -n $(DEMO_NPROC) $(PY) launcher/build_dict.py --config $(DEMO_CFG)
+	$(DS) launcher/label.py --config $(DEMO_CFG)
+	$(DS) launcher/distill.py --deepspeed ds_configs/z2.json --config $(DEMO_CFG)
+	$(DS) launcher/distill.py --deepspeed ds_configs/z2.json --config $(DEMO_CFG) distill.loss=mse
+	$(PY) launcher/evaluate.py --config $(DEMO_CFG)
+	@echo "report: $(DEMO_RUN)/eval/report.md   metrics: $(DEMO_RUN)/eval/metrics.json   tensorboard --logdir $(DEMO_RUN)/tb"
 
 bench: install
 	$(PY) -m bench.run

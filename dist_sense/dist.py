@@ -53,6 +53,15 @@ def detect(environ: dict | None = None) -> DistEnv:
     return DistEnv(0, 0, 1, "none")
 
 
+def local_world_size() -> int:
+    """Processes of this job on this node (1 when no launcher says)."""
+    for var in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -112,6 +121,9 @@ def init_torch(backend: str | None = None, use_deepspeed: bool = True) -> DistEn
 
     if cuda_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # CPU ranks on one node share its cores; more threads than cores makes every rank slower.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size()))
     if not tdist.is_initialized():
         backend = backend or ("nccl" if cuda_available() else "gloo")
         if use_deepspeed:

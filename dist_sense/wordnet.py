@@ -19,6 +19,15 @@ from pathlib import Path
 SYSTEM_DIR = Path("/usr/share/wordnet")
 PACKAGES = ("wordnet-base",)
 DATA_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
+# WordNet 3.0's lexicographer files, by number (lexnames(5WN)).
+LEXNAMES = (
+    "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body noun.cognition "
+    "noun.communication noun.event noun.feeling noun.food noun.group noun.location noun.motive noun.object noun.person "
+    "noun.phenomenon noun.plant noun.possession noun.process noun.quantity noun.relation noun.shape noun.state "
+    "noun.substance noun.time verb.body verb.change verb.cognition verb.communication verb.competition "
+    "verb.consumption verb.contact verb.creation verb.emotion verb.motion verb.perception verb.possession "
+    "verb.social verb.stative verb.weather adj.ppl"
+).split()
 
 
 class WordNetError(RuntimeError):
@@ -32,6 +41,8 @@ class Synset:
     lemmas: list[str]
     gloss: str
     examples: list[str]
+    lexname: str = ""
+    """The lexicographer file (semantic category), e.g. noun.animal."""
 
 
 def ensure_wordnet(cache_dir: str | Path = ".cache/wordnet") -> Path:
@@ -73,12 +84,13 @@ def read_synsets(wordnet_dir: str | Path) -> list[Synset]:
 def _parse_line(line: str) -> Synset:
     head, _, gloss_part = line.partition(" | ")
     fields = head.split()
-    offset, pos, n_words = fields[0], fields[2], int(fields[3], 16)
+    offset, lexfile, pos, n_words = fields[0], int(fields[1]), fields[2], int(fields[3], 16)
     lemmas = [fields[4 + 2 * i].lower() for i in range(n_words)]
     lemmas = [re.sub(r"\(.*\)$", "", lemma).replace("_", " ") for lemma in lemmas]
     examples = re.findall(r'"([^"]+)"', gloss_part)
     gloss = gloss_part.split(";")[0].strip().strip('"')
-    return Synset(offset, pos, lemmas, gloss, [e.strip() for e in examples if e.strip()])
+    lexname = LEXNAMES[lexfile] if lexfile < len(LEXNAMES) else f"lex{lexfile:02d}"
+    return Synset(offset, pos, lemmas, gloss, [e.strip() for e in examples if e.strip()], lexname)
 
 
 def labelled_usages(synsets: list[Synset]) -> list[dict]:

