@@ -49,6 +49,7 @@ demo: install
 	@echo "report: $(DEMO_RUN)/eval/report.md   metrics: $(DEMO_RUN)/eval/metrics.json   tensorboard --logdir $(DEMO_RUN)/tb"
 
 bench: install
+	$(PY) -m pip install -q -r requirements-bench.txt
 	$(PY) -m bench.run
 
 clean:

@@ -67,3 +67,35 @@ def single_process_env() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
+
+
+def teacher_run(n_docs: int = 2000, cap: int = 1000) -> Path:
+    """A run directory with hidden/ from the demo model over WordNet text (extracted once, on 1 rank)."""
+    from dist_sense import testing
+
+    run_dir = WORK / f"teacher_run_{n_docs}_{cap}"
+    if not (run_dir / "hidden" / "manifest.json").is_file():
+        args = [f"run_dir={run_dir}", f"model.teacher={DEMO_MODEL}", f"corpus.path={wordnet_corpus(n_docs)}",
+                "corpus.max_length=64", f"extract.cap={cap}", "extract.hidden_dtype=fp32", "extract.batch_size=32"]
+        testing.run_command(["python", "launcher/extract.py", *args], timeout=900, env={"OMP_NUM_THREADS": str(os.cpu_count())})
+    return run_dir
+
+
+def per_token_vectors(run_dir: Path, min_vectors: int) -> dict[int, "np.ndarray"]:
+    """token id -> [n, d] float32 hidden states, for tokens with at least `min_vectors` of them."""
+    import numpy as np
+
+    from dist_sense import shards
+    from dist_sense.manifest import read_manifest
+
+    manifest = read_manifest(run_dir / "hidden", shards.HIDDEN_FORMAT, shards.HIDDEN_VERSION)
+    paths = [run_dir / "hidden" / s["file"] for s in manifest["shards"]]
+    tokens, vectors = [], []
+    for sample in shards.iter_hidden(paths, manifest["dtype"]):
+        tokens.append(sample["tokens"])
+        vectors.append(sample["hidden"])
+    tokens, vectors = np.concatenate(tokens), np.concatenate(vectors)
+    order = np.argsort(tokens, kind="stable")
+    tokens, vectors = tokens[order], vectors[order]
+    ids, starts, counts = np.unique(tokens, return_index=True, return_counts=True)
+    return {int(t): vectors[s : s + c] for t, s, c in zip(ids, starts, counts) if c >= min_vectors}

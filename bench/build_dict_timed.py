@@ -1,0 +1,16 @@
+"""Run under mpirun: time build_dict.run after start-up and imports; rank 0 prints seconds as JSON."""
+import json
+import sys
+import time
+
+from dist_sense import build_dict, dist
+from dist_sense.config import RunConfig
+
+cfg = RunConfig.load(None, sys.argv[1:])
+comm = dist.mpi_comm()
+comm.Barrier()
+start = time.perf_counter()
+build_dict.run(cfg)
+comm.Barrier()
+if comm.Get_rank() == 0:
+    print(json.dumps({"seconds": time.perf_counter() - start, "ranks": comm.Get_size()}))

@@ -1,0 +1,41 @@
+"""The k-means stage on 2 MPI ranks against 1 rank, one thread per rank, same hidden/ and seed.
+
+Both runs build the whole dictionary (read shards, spill by tile, cluster, write) from
+the same real hidden states; the timer starts after MPI start-up and imports.
+speedup = 1-rank seconds / 2-rank seconds (2.0 would be perfect scaling).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+from bench import common
+
+K = 20
+
+
+def timed_build(source, ranks: int, tile_tokens: int) -> float:
+    from dist_sense import testing
+
+    run_dir = common.WORK / f"kmeans_mpi_{ranks}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    (run_dir / "hidden").symlink_to(source / "hidden")
+    args = [f"run_dir={run_dir}", f"kmeans.k={K}", f"kmeans.tile_tokens={tile_tokens}"]
+    env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = testing.run_mpirun("bench/build_dict_timed.py", args, nproc=ranks, timeout=900, env=env)
+    return json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
+
+
+def main() -> dict:
+    common.single_process_env()
+    source = common.teacher_run()
+    tile_tokens = 256  # several tiles, so both ranks always have work
+    one = timed_build(source, 1, tile_tokens)
+    two = timed_build(source, 2, tile_tokens)
+    figures = {"speedup": one / two, "one_rank_s": one, "two_ranks_s": two, "k": K, "tile_tokens": tile_tokens}
+    return common.record("kmeans_mpi", figures, {"speedup": ">= 1.7"})
+
+
+if __name__ == "__main__":
+    main()

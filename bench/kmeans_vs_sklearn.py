@@ -1,0 +1,77 @@
+"""Batched k-means (one tile, numpy) against the reference: scikit-learn KMeans per token.
+
+Data: real hidden states of the demo teacher (all-MiniLM-L6-v2, d=384) over WordNet
+text, up to 1000 per token (the reference's cap), every token with >= MIN_VECTORS of
+them; k = 20 for all, as the reference's GLUE setting. Baselines, each called once per
+token in a Python loop as the reference does: sklearn KMeans(k-means++, n_init=1) and
+faiss-cpu Kmeans. speedup = baseline seconds / ours; inertia_ratio = our total inertia
+/ the baseline's (<= 1.01 means no worse clusters).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from bench import common
+
+K, MIN_VECTORS, MAX_ITER = 20, 40, 50
+
+
+def ours(per_token: dict) -> tuple[float, float]:
+    from dist_sense import kmeans
+    from dist_sense.config import KMeansConfig
+
+    vectors = np.concatenate(list(per_token.values()))
+    slots = np.repeat(np.arange(len(per_token)), [len(v) for v in per_token.values()])
+    priority = np.random.default_rng(0).integers(0, 2**63, len(slots), dtype=np.uint64)
+    cfg = KMeansConfig(k=K, max_iter=MAX_ITER, tol=1e-4)
+    start = time.perf_counter()
+    local, _ = kmeans.make_local_tile(vectors, slots, priority, len(per_token), np)
+    result = kmeans.cluster_tile(local, cfg, xp=np)
+    return time.perf_counter() - start, float(result.inertia)
+
+
+def sklearn_loop(per_token: dict) -> tuple[float, float]:
+    from sklearn.cluster import KMeans
+
+    start, inertia = time.perf_counter(), 0.0
+    for x in per_token.values():
+        model = KMeans(n_clusters=K, init="k-means++", n_init=1, max_iter=MAX_ITER, tol=1e-4, random_state=0).fit(x)
+        inertia += float(model.inertia_)
+    return time.perf_counter() - start, inertia
+
+
+def faiss_loop(per_token: dict) -> tuple[float, float]:
+    import faiss
+
+    start, inertia = time.perf_counter(), 0.0
+    for x in per_token.values():
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        model = faiss.Kmeans(x.shape[1], K, niter=MAX_ITER, seed=0, max_points_per_centroid=100000)
+        model.train(x)
+        distances, _ = model.index.search(x, 1)
+        inertia += float(distances.sum())
+    return time.perf_counter() - start, inertia
+
+
+def main() -> dict:
+    common.single_process_env()
+    per_token = common.per_token_vectors(common.teacher_run(), MIN_VECTORS)
+    ours_s, ours_inertia = ours(per_token)
+    sk_s, sk_inertia = sklearn_loop(per_token)
+    try:
+        fa_s, fa_inertia = faiss_loop(per_token)
+    except ImportError:
+        fa_s = fa_inertia = float("nan")  # faiss-cpu comes from requirements-bench.txt
+    figures = {
+        "speedup": sk_s / ours_s, "inertia_ratio": ours_inertia / sk_inertia,
+        "speedup_vs_faiss": fa_s / ours_s, "inertia_ratio_vs_faiss": ours_inertia / fa_inertia,
+        "ours_s": ours_s, "sklearn_loop_s": sk_s, "faiss_loop_s": fa_s,
+        "tokens": len(per_token), "vectors": int(sum(len(v) for v in per_token.values())), "k": K, "d": 384,
+    }
+    return common.record("kmeans_vs_sklearn", figures, {"speedup": ">= 3", "inertia_ratio": "<= 1.01"})
+
+
+if __name__ == "__main__":
+    main()
