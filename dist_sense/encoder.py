@@ -128,7 +128,8 @@ class SenseEncoder:
         return out
 
     def _encode_batch(self, texts: list[str], return_tensors: str) -> list[EncodedText]:
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+        # Right padding: row i's first n entries are text i (and decoders keep their positions).
+        enc = self.tokenizer(texts, padding=True, padding_side="right", truncation=True, max_length=self.max_length,
                              return_offsets_mapping=True, return_special_tokens_mask=True, return_tensors="pt")
         ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
         states = self._forward(ids, mask).float()

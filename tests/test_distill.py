@@ -1,0 +1,298 @@
+"""Stage 3 (training) on the tiny models: labels reader, batch settings, ZeRO-2 runs, resume, errors."""
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dist_sense import distill, testing
+from dist_sense.config import ConfigError, RunConfig
+from dist_sense.dictionary import SenseDictionary
+from dist_sense.label_data import LabelData, LabelsError, is_held_out, read_labels_manifest, read_samples, shard_keys
+from dist_sense.losses import sense_kd_loss
+from dist_sense.manifest import ManifestError
+from dist_sense.student import build_student, load_student
+
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+import distill_fixtures  # noqa: E402
+
+SCRIPT = "launcher/distill.py"
+SETTINGS = {"distill.layers": 1, "distill.steps": 20, "distill.global_batch_size": 8, "distill.micro_batch_size": 4,
+            "distill.eval_every": 10, "distill.save_every": 5, "distill.eval_fraction": 0.1, "distill.lr": 3e-3,
+            "distill.warmup_steps": 2}
+
+
+def args_for(run_dir, teacher, **extra):
+    values = {"run_dir": run_dir, "model.teacher": teacher, **SETTINGS, **extra}
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def config_for(run_dir, teacher, **extra) -> RunConfig:
+    return RunConfig.load(None, args_for(run_dir, teacher, **extra))
+
+
+def copy_inputs(source: Path, run_dir: Path) -> Path:
+    for part in ("dictionary", "labels"):
+        shutil.copytree(source / part, run_dir / part)
+    return run_dir
+
+
+def metrics(run_dir, student: str = "student") -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / student / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir) -> dict[int, float]:
+    return {m["step"]: m["loss/kd"] for m in metrics(run_dir) if "loss/kd" in m}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, tiny_llama):
+    """RUN/dictionary and RUN/labels for the tiny Llama (48 toy documents, 3 senses a token)."""
+    return distill_fixtures.make_run(tmp_path_factory.mktemp("inputs"), tiny_llama)
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory, inputs, tiny_llama):
+    run_dir = copy_inputs(inputs, tmp_path_factory.mktemp("two_ranks"))
+    testing.run_deepspeed(SCRIPT, args_for(run_dir, tiny_llama), nproc=2, timeout=300)
+    return run_dir
+
+
+# ----------------------------------------------------------------------------- in one process
+
+
+def test_batch_settings_divide_or_name_the_fields():
+    cfg = RunConfig()
+    cfg.distill.global_batch_size, cfg.distill.micro_batch_size = 16, 4
+    assert distill.batch_settings(cfg, 1) == (4, 4)
+    assert distill.batch_settings(cfg, 2) == (4, 2)
+    assert distill.batch_settings(cfg, 4) == (4, 1)
+    with pytest.raises(ConfigError, match=r"distill.global_batch_size=16 .* distill.micro_batch_size=4 x world size 8"):
+        distill.batch_settings(cfg, 8)
+    cfg.distill.micro_batch_size = 3
+    with pytest.raises(ConfigError, match=r"distill.micro_batch_size=3 x world size 2"):
+        distill.batch_settings(cfg, 2)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    factors = [distill.lr_factor(s, warmup=4, total=20) for s in range(21)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0] and factors[4] == 1.0
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
+    assert factors[20] == pytest.approx(distill.MIN_LR_RATIO)
+
+
+def test_engine_config_fills_batches_and_resolves_auto(tmp_path):
+    cfg = RunConfig()
+    ds = distill.engine_config(cfg, micro=4, accum=2)
+    assert ds["bf16"]["enabled"] is torch.cuda.is_available() and ds["zero_optimization"]["stage"] == 2
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 2, 16)
+    assert ds["optimizer"]["params"]["torch_adam"] is True and ds["optimizer"]["params"]["lr"] == cfg.distill.lr
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train_batch_size": 32, "zero_optimization": {"stage": 2}}))
+    cfg.distill.ds_config = str(bad)
+    with pytest.raises(ConfigError, match=r"bad.json: 'train_batch_size' is set from distill"):
+        distill.engine_config(cfg, 4, 2)
+
+
+def test_label_data_ranks_share_out_whole_steps(inputs):
+    manifest = read_labels_manifest(inputs / "labels")
+    one = LabelData(inputs / "labels", manifest, 0, 1, 4, global_batch=8, seed=3, eval_fraction=0.1)
+    ranks = [LabelData(inputs / "labels", manifest, r, 2, 4, global_batch=8, seed=3, eval_fraction=0.1) for r in (0, 1)]
+    assert one.micro_per_epoch == 2 * ranks[0].micro_per_epoch and one.n_train % 8 < 8
+    for _ in range(one.micro_per_epoch // 2 * 3):  # three epochs of steps: one rank's two micro-batches = the two ranks'
+        for r in range(2):
+            torch.testing.assert_close(one.next_batch(), ranks[r].next_batch())
+    held = {key for _, key in one.eval_keys}
+    train = {key for keys in one.train_keys for key in keys}
+    assert held and not held & train and all(is_held_out(k, 0.1) for k in held)
+    order0, order1 = one.epoch_order(0), one.epoch_order(1)
+    assert order0 != order1 and sorted(order0) != order0 and len(order0) % 8 == 0
+    assert order0 == LabelData(inputs / "labels", manifest, 0, 1, 4, global_batch=8, seed=3,
+                               eval_fraction=0.1).epoch_order(0)
+    batch = one.next_batch()
+    assert set(batch) == {"input_ids", "attention_mask", "targets"}
+    assert torch.all(batch["targets"][batch["attention_mask"] == 0] == -1)
+
+
+def test_label_data_position_restores_the_next_batch(inputs):
+    manifest = read_labels_manifest(inputs / "labels")
+    data = LabelData(inputs / "labels", manifest, 1, 2, 4, global_batch=8, eval_fraction=0.1)
+    for _ in range(data.micro_per_epoch + 1):  # into the second epoch
+        data.next_batch()
+    position = data.position()
+    expected = [data.next_batch() for _ in range(3)]
+    again = LabelData(inputs / "labels", manifest, 1, 2, 4, global_batch=8, eval_fraction=0.1)
+    again.restore(json.loads(json.dumps(position)))
+    for batch in expected:
+        torch.testing.assert_close(again.next_batch(), batch)
+    with pytest.raises(LabelsError, match="not a whole number"):
+        again.restore({"epoch": 0, "samples": 3})
+
+
+def test_labels_from_another_dictionary_are_refused(inputs, tiny_llama, tmp_path):
+    run_dir = copy_inputs(inputs, tmp_path)
+    index = run_dir / "dictionary" / "index.json"
+    original = index.read_text()
+    index.write_text(json.dumps({**json.loads(original), "kmeans": "rebuilt"}))  # another dictionary: another fingerprint
+    made_with = read_labels_manifest(run_dir / "labels")["dictionary_fingerprint"]
+    with pytest.raises(LabelsError) as err:
+        distill.prepare(config_for(run_dir, tiny_llama), world_size=2)
+    message = str(err.value)
+    assert made_with in message and str(index) in message and str(run_dir / "labels" / "manifest.json") in message
+
+    index.write_text(original)
+    labels_manifest = run_dir / "labels" / "manifest.json"
+    labels_manifest.write_text(json.dumps({**json.loads(labels_manifest.read_text()), "tokenizer_fingerprint": "feedface"}))
+    with pytest.raises(LabelsError, match=r"tokenizer fingerprint feedface, but .*index.json has [0-9a-f]{16}"):
+        distill.prepare(config_for(run_dir, tiny_llama), world_size=2)
+
+
+def test_missing_or_unusable_inputs_are_named(inputs, tiny_llama, tmp_path):
+    run_dir = copy_inputs(inputs, tmp_path)
+    with pytest.raises(ConfigError, match=r"distill.global_batch_size=8 .* distill.micro_batch_size=4 x world size 4"):
+        distill.prepare(config_for(run_dir, tiny_llama), world_size=4)
+    with pytest.raises(LabelsError, match=r"labels/manifest.json: distill.loss=mse .* label.store_hidden=true"):
+        distill.prepare(config_for(run_dir, tiny_llama, **{"distill.loss": "mse"}), world_size=2)
+    (run_dir / "labels" / "manifest.json").unlink()
+    with pytest.raises(ManifestError, match=r"labels/manifest.json: no manifest \(run label first"):
+        distill.prepare(config_for(run_dir, tiny_llama), world_size=2)
+
+
+# ----------------------------------------------------------------------------- real DeepSpeed runs
+
+
+def training_agreement(run_dir, student) -> float:
+    """Top-1 sense agreement of `student` on every training window."""
+    dictionary = SenseDictionary.load(run_dir / "dictionary")
+    centres, mask, rows = (torch.from_numpy(np.asarray(a)) for a in dictionary.padded(np))
+    hits = total = 0
+    labels = run_dir / "labels"
+    for entry in read_labels_manifest(labels)["shards"]:
+        keys = [k for k in shard_keys(labels / entry["file"]) if not is_held_out(k, SETTINGS["distill.eval_fraction"])]
+        for sample in read_samples(labels / entry["file"], set(keys)).values():
+            ids = torch.from_numpy(sample["input_ids"].astype(np.int64))[None]
+            with torch.no_grad():
+                states = student.eval()(ids, torch.ones_like(ids))
+            _, stats = sense_kd_loss(states, ids, torch.from_numpy(sample["senses"].astype(np.int64))[None],
+                                     centres, mask, rows)
+            hits, total = hits + int(stats["correct_top1"]), total + int(stats["n"])
+    return hits / total
+
+
+@pytest.mark.slow
+def test_twenty_steps_on_two_ranks_learn_the_senses(two_rank_run, tiny_llama):
+    losses = train_losses(two_rank_run)
+    assert sorted(losses) == list(range(1, 21))
+    first, last = np.mean([losses[s] for s in (1, 2, 3)]), np.mean([losses[s] for s in (18, 19, 20)])
+    assert last < 0.6 * first, losses
+    chance = distill_fixtures.chance_agreement(two_rank_run)
+    cfg = config_for(two_rank_run, tiny_llama)
+    torch.manual_seed(0)
+    before = training_agreement(two_rank_run, build_student(cfg, 32))
+    after = training_agreement(two_rank_run, load_student(two_rank_run / "student" / "final"))
+    print(f"loss {first:.3f} -> {last:.3f}; training agreement {before:.3f} -> {after:.3f}; chance {chance:.3f}")
+    assert after > before + 0.05 and after > chance + 0.3
+    evals = [m for m in metrics(two_rank_run) if "eval/top1" in m]
+    assert [m["step"] for m in evals] == [0, 10, 20]
+    info = json.loads((two_rank_run / "student" / "final" / "student.json").read_text())
+    assert info["steps"] == 20 and info["identity"]["layers"] == 1
+    assert sorted(p.name for p in (two_rank_run / "student" / "checkpoints").glob("step*")) == ["step15", "step20"]
+    assert list((two_rank_run / "tb" / "distill").glob("events.out.tfevents.*"))
+    assert all("grad_norm" in m and "speed/tokens_per_s" in m for m in metrics(two_rank_run) if "loss/kd" in m)
+
+
+@pytest.mark.slow
+def test_one_step_on_two_ranks_equals_one_step_on_one_rank(tiny_llama, tmp_path):
+    # Soft targets here (KL to the teacher's top 2), so the KL path runs under ZeRO-2 on 1 and 2 ranks.
+    inputs = distill_fixtures.make_run(tmp_path / "inputs", tiny_llama, soft_topk=2, temperature=2.0)
+    one_step = {"distill.steps": 1, "distill.eval_every": 0}
+    one = copy_inputs(inputs, tmp_path / "one")
+    two = copy_inputs(inputs, tmp_path / "two")
+    testing.run_command(["python", SCRIPT, *args_for(one, tiny_llama, **one_step)], timeout=300)  # micro 4 x 2 accum
+    testing.run_deepspeed(SCRIPT, args_for(two, tiny_llama, **one_step), nproc=2, timeout=300)  # micro 4 x 2 ranks
+    a = load_file(one / "student" / "final" / "model.safetensors")
+    b = load_file(two / "student" / "final" / "model.safetensors")
+    start = load_file(tiny_llama / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert any(not torch.equal(a[k], start[k]) for k in a), "the step changed nothing"
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+    assert train_losses(one)[1] == pytest.approx(train_losses(two)[1], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_where_it_stopped(two_rank_run, inputs, tiny_llama, tmp_path):
+    run_dir = copy_inputs(inputs, tmp_path)
+    args = args_for(run_dir, tiny_llama)
+    crashed = testing.run_deepspeed(SCRIPT, args, nproc=2, timeout=300, check=False,
+                                    env={"DIST_SENSE_CRASH": "distill.step:7"})
+    assert crashed.returncode != 0
+    ckpt = run_dir / "student" / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step5" and not (run_dir / "student" / "final").exists()
+    resumed = testing.run_deepspeed(SCRIPT, args, nproc=2, timeout=300)
+    assert "resumed from" in resumed.stderr and "at step 5" in resumed.stderr
+    steps = [m["step"] for m in metrics(run_dir) if "loss/kd" in m]
+    assert steps == list(range(1, 21)), "each step logged once, the uncommitted ones replaced"
+    expected, got = train_losses(two_rank_run), train_losses(run_dir)
+    for step in range(1, 21):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+    a = load_file(run_dir / "student" / "final" / "model.safetensors")
+    b = load_file(two_rank_run / "student" / "final" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+@pytest.mark.slow
+def test_checkpoints_of_another_run_are_refused(two_rank_run, inputs, tiny_llama, tmp_path):
+    run_dir = copy_inputs(inputs, tmp_path)
+    shutil.copytree(two_rank_run / "student" / "checkpoints", run_dir / "student" / "checkpoints")
+    with pytest.raises(distill.CheckpointError, match=r"belong to another run \(layers: checkpoint 1, this run 2\)"):
+        distill.prepare(config_for(run_dir, tiny_llama, **{"distill.layers": 2}), world_size=2)
+    proc = testing.run_command(["python", SCRIPT, *args_for(run_dir, tiny_llama, **{"distill.layers": 2})],
+                               check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "belong to another run" in last and str(run_dir / "student" / "checkpoints") in last
+
+
+@pytest.mark.slow
+def test_separate_student_trained_against_teacher_states(tiny_llama, tmp_path):
+    run_dir = distill_fixtures.make_run(tmp_path / "run", tiny_llama, store_hidden=True)
+    small = testing.tiny_config("llama", vocab_size=len(testing.vocabulary()), hidden=16, layers=1)
+    small.save_pretrained(tmp_path / "small")
+    settings = {"distill.steps": 3, "distill.eval_every": 0, "distill.save_every": 0, "distill.init": "model",
+                "distill.student_model": tmp_path / "small", "distill.loss": "mse"}
+    testing.run_command(["python", SCRIPT, *args_for(run_dir, tiny_llama, **settings)], timeout=300)
+    lines = metrics(run_dir, "student_mse")  # the MSE baseline lives beside the KD student
+    assert [m["step"] for m in lines if "loss/mse" in m] == [1, 2, 3]
+    assert all(0 <= m["acc/top1"] <= 1 for m in lines if "loss/mse" in m)  # sense agreement is logged for mse too
+    assert "eval/loss" in lines[-1]
+    student = load_student(run_dir / "student_mse" / "final")
+    assert student.info["head"] == "linear" and student.info["student_d"] == 16 and student.teacher_d == 32
+
+
+def test_slurm_script_parses():
+    testing.run_command(["bash", "-n", "slurm/distill.sh"], timeout=30)
+
+
+@pytest.mark.slow
+def test_slurm_script_runs_label_then_distill_locally(inputs, tiny_llama, tmp_path):
+    if not (testing.REPO_ROOT / "launcher" / "label.py").is_file():
+        pytest.skip("launcher/label.py (the labelling stage, run first by slurm/distill.sh) does not exist yet")
+    run_dir = tmp_path / "run"
+    shutil.copytree(inputs / "dictionary", run_dir / "dictionary")  # built from the same 48 toy documents
+    corpus = testing.write_toy_corpus(tmp_path / "docs.jsonl", n_docs=48, seed=0)
+    config = {"run_dir": str(run_dir), "model": {"teacher": str(tiny_llama)},
+              "corpus": {"path": str(corpus), "max_length": 16}, "label": {"batch_size": 8, "shard_samples": 8},
+              "distill": {"layers": 1, "steps": 3, "global_batch_size": 8, "micro_batch_size": 4, "eval_every": 0,
+                          "save_every": 0, "eval_fraction": 0.1}}
+    (tmp_path / "run.json").write_text(json.dumps(config))
+    testing.run_command(["bash", "slurm/distill.sh"], env={"CONFIG": str(tmp_path / "run.json"), "NPROC": "1"},
+                        timeout=600)
+    assert read_labels_manifest(run_dir / "labels")["totals"]["windows"] > 0
+    assert train_losses(run_dir).keys() == {1, 2, 3}
+    assert (run_dir / "student" / "final" / "student.json").is_file()

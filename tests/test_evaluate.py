@@ -1,0 +1,98 @@
+"""Stage 4 on a real tiny run: every metric present and in range, the report, the MSE baseline, errors."""
+import json
+import math
+
+import pytest
+from run_fixture import distilled_run  # noqa: F401  (the session's shared run)
+
+from dist_sense import evaluate, testing
+from dist_sense.config import RunConfig
+
+pytestmark = pytest.mark.slow
+
+SYSTEMS = ("teacher", "teacher_senses", "student_senses", "student_no_kd", "student_mse")
+SCORES = [f"downstream.{task}.{system}" for task in ("topic", "wic") for system in SYSTEMS]
+FRACTIONS = ["fidelity.coverage", "agreement.top1", "agreement.top5"]
+POSITIVE = ["size.teacher_params", "size.student_params", "size.dictionary_bytes",
+            "speed.teacher_tokens_per_s", "speed.student_tokens_per_s"]
+KEYS = {"fidelity.mean_cos", *FRACTIONS, *SCORES, *POSITIVE, "eval.held_out_source", "eval.held_out_is_training_corpus"}
+
+
+@pytest.fixture(scope="module")
+def evaluated(distilled_run):  # noqa: F811
+    """The launcher run on the shared run (its config.json already names the probes)."""
+    run_dir = distilled_run["run_dir"]
+    testing.run_command(["python", "launcher/evaluate.py", f"run_dir={run_dir}"], timeout=300)
+    return run_dir, json.loads((run_dir / "eval" / "metrics.json").read_text())
+
+
+def sibling_run(distilled_run, tmp_path, parts=("dictionary", "student")):  # noqa: F811
+    """A run directory sharing some of the fixture run's parts (symlinked)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    for part in parts:
+        (tmp_path / part).symlink_to(distilled_run["run_dir"] / part)
+    return tmp_path
+
+
+def test_metrics_has_every_key_in_range(evaluated, distilled_run):  # noqa: F811
+    _, metrics = evaluated
+    assert set(metrics) == KEYS
+    assert -1 <= metrics["fidelity.mean_cos"] <= 1 and metrics["fidelity.mean_cos"] > 0.5
+    for key in FRACTIONS + SCORES:
+        assert 0 <= metrics[key] <= 1, key
+    assert metrics["agreement.top1"] <= metrics["agreement.top5"]
+    assert metrics["fidelity.coverage"] > 0.9  # the held-out text is the training corpus here
+    for key in POSITIVE:
+        assert metrics[key] > 0 and math.isfinite(metrics[key]), key
+    assert metrics["size.student_params"] < metrics["size.teacher_params"]
+    # Topics are easy to tell apart from word identity alone: every system beats chance (0.2) clearly.
+    assert all(metrics[f"downstream.topic.{s}"] > 0.4 for s in SYSTEMS)
+    assert metrics["eval.held_out_is_training_corpus"] is True
+    assert metrics["eval.held_out_source"] == str(distilled_run["docs"])
+
+
+def test_report_and_tensorboard(evaluated):
+    run_dir, metrics = evaluated
+    report = (run_dir / "eval" / "report.md").read_text()
+    for name in (*SYSTEMS, "fidelity.mean_cos", "agreement.top1", "Speed", "speedup", "### bank", "[[bank]]"):
+        assert name in report, name
+    assert f"{metrics['speed.student_tokens_per_s'] / metrics['speed.teacher_tokens_per_s']:.2f}x" in report
+    assert "training corpus" in report or "were built from" in report
+    assert list((run_dir / "tb" / "eval").glob("events.out.tfevents.*"))
+    details = json.loads((run_dir / "eval" / "details.json").read_text())
+    assert details["wic"]["pairs"] == 60 and details["probes"]["topic"]["examples"] == 120
+
+
+def test_without_mse_student_that_system_is_null(distilled_run, tmp_path):  # noqa: F811
+    run_dir = sibling_run(distilled_run, tmp_path / "run")
+    held_out = testing.write_toy_corpus(tmp_path / "held_out.jsonl", n_docs=12, seed=99)
+    cfg = RunConfig.load(distilled_run["run_dir"] / "config.json",
+                         [f"run_dir={run_dir}", f"eval.corpus_path={held_out}", "eval.max_documents=12"])
+    evaluate.run(cfg)
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert set(metrics) == KEYS
+    assert metrics["downstream.topic.student_mse"] is None and metrics["downstream.wic.student_mse"] is None
+    assert metrics["downstream.topic.student_senses"] is not None
+    assert metrics["eval.held_out_is_training_corpus"] is False
+    assert metrics["eval.held_out_source"] == str(held_out)
+    report = (run_dir / "eval" / "report.md").read_text()
+    assert "student_mse is n/a" in report and str(run_dir / "student_mse" / "final") in report
+
+
+def test_a_named_mse_student_that_is_missing_is_an_error(distilled_run, tmp_path):  # noqa: F811
+    run_dir = sibling_run(distilled_run, tmp_path / "run")
+    missing = tmp_path / "nowhere"
+    overrides = [f"run_dir={run_dir}", f"eval.mse_student={missing}"]
+    cfg = RunConfig.load(distilled_run["run_dir"] / "config.json", overrides)
+    with pytest.raises(evaluate.EvalError, match=str(missing)):
+        evaluate.run(cfg)
+
+
+def test_missing_student_is_a_clear_error(distilled_run, tmp_path):  # noqa: F811
+    run_dir = sibling_run(distilled_run, tmp_path / "run", parts=("dictionary",))
+    (run_dir / "config.json").write_text((distilled_run["run_dir"] / "config.json").read_text())
+    proc = testing.run_command(["python", "launcher/evaluate.py", f"--config={run_dir / 'config.json'}",
+                                f"run_dir={run_dir}"], check=False, timeout=120)
+    assert proc.returncode == 2
+    assert str(run_dir / "student" / "final") in proc.stderr and "distill" in proc.stderr
+    assert not (run_dir / "eval" / "metrics.json").exists()
