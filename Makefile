@@ -25,7 +25,17 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PY) -m dist_sense.warmup
 	touch $(STAMP)
 
-test: install
+# Debian's Slurm for the tests that start a private single-node Slurm (skipped without it).
+SYSTEM_STAMP := $(VENV)/.system-packages
+$(SYSTEM_STAMP): | $(STAMP)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  if (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      slurmctld slurmd slurm-client munge) >$(VENV)/apt.log 2>&1; then echo "installed Slurm for the Slurm tests"; \
+	  else echo "could not install Slurm (see $(VENV)/apt.log): the Slurm tests will be skipped"; fi; \
+	else echo "not root or no apt-get: the Slurm tests will be skipped"; fi
+	touch $@
+
+test: install $(SYSTEM_STAMP)
 	$(PY) -m pytest tests -q
 
 test-fast: install
