@@ -99,3 +99,26 @@ def per_token_vectors(run_dir: Path, min_vectors: int) -> dict[int, "np.ndarray"
     tokens, vectors = tokens[order], vectors[order]
     ids, starts, counts = np.unique(tokens, return_index=True, return_counts=True)
     return {int(t): vectors[s : s + c] for t, s, c in zip(ids, starts, counts) if c >= min_vectors}
+
+
+def teacher_dictionary(k: int = 20) -> Path:
+    """teacher_run() plus its dictionary (k senses per token), built once with the real stage."""
+    from dist_sense import testing
+
+    run_dir = teacher_run()
+    if not (run_dir / "dictionary" / "index.json").is_file():
+        testing.run_command(["python", "launcher/build_dict.py", f"run_dir={run_dir}", f"kmeans.k={k}"], timeout=900,
+                            env={"OMP_NUM_THREADS": str(os.cpu_count())})
+    return run_dir
+
+
+def text_batches(n_docs: int, batch: int, max_length: int):
+    """Padded (input_ids, attention_mask) batches of WordNet windows for the demo tokenizer."""
+    from dist_sense import corpus
+    from dist_sense.config import ModelConfig
+    from dist_sense.teacher import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig(teacher=DEMO_MODEL))
+    dataset = corpus.load_documents(str(wordnet_corpus(n_docs)))
+    windows = list(corpus.iter_windows(corpus.documents_for_rank(dataset, 0, 1), tokenizer, max_length))
+    return [corpus.batch_windows(windows[i : i + batch], tokenizer.pad_token_id) for i in range(0, len(windows), batch)]
