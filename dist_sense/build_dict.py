@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import backend, dist, kmeans, manifest, shards
+from .faults import crash_point
 from .dictionary import DictionaryError, SenseDictionary, read_shard, shard_entry, shard_name, write_index
 
 log = dist.get_logger("dist_sense.build_dict")
@@ -232,6 +233,7 @@ def build_tile(tile: int, plan: TilePlan, spill: "TileSpill", comm: Collectives,
         write_tile(out_dir, tile, tokens, result, examples, settings)
     seconds = time.perf_counter() - started
     metrics.tile(tile, result, seconds, (comm.allreduce_seconds - reduce_before) / max(seconds, 1e-9))
+    crash_point("build_dict.tile")
     return result
 
 

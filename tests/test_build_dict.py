@@ -238,3 +238,29 @@ def test_slurm_script_local(tmp_path, tiny_bert, toy_corpus):
 
     d.check_tokenizer(AutoTokenizer.from_pretrained(tiny_bert))
     shutil.rmtree(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_killed_rank_then_rerun_gives_byte_identical_dictionary(tmp_path):
+    """Rank 1 dies like kill -9 after its first tile; the rerun's files equal an uninterrupted run's."""
+    hidden_dir = make_hidden_dir(tmp_path / "source", samples=30)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(make_config(tmp_path).to_dict()))
+    script = testing.REPO_ROOT / "launcher" / "build_dict.py"
+    runs = {}
+    for name in ("whole", "crashed"):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        (run_dir / "hidden").symlink_to(hidden_dir)
+        args = ["--config", config, f"run_dir={run_dir}"]
+        if name == "crashed":
+            proc = testing.run_mpirun(script, args, nproc=2, timeout=120, check=False,
+                                      env={"DIST_SENSE_CRASH": "build_dict.tile:1:1"})
+            assert proc.returncode != 0 and not (run_dir / "dictionary" / "index.json").exists()
+            assert list((run_dir / "dictionary").glob("senses-*.safetensors")), "no tile finished before the kill"
+        testing.run_mpirun(script, args, nproc=2, timeout=120)
+        runs[name] = run_dir / "dictionary"
+    files = sorted(p.name for p in runs["whole"].iterdir() if p.is_file() and p.name != "index.json")
+    assert files == sorted(p.name for p in runs["crashed"].iterdir() if p.is_file() and p.name != "index.json")
+    for name in files:
+        assert (runs["whole"] / name).read_bytes() == (runs["crashed"] / name).read_bytes(), name
