@@ -318,3 +318,15 @@ def batch_windows(windows: list[Window], pad_id: int):
         input_ids[row, :length] = torch.tensor(window.input_ids, dtype=torch.long)
         attention_mask[row, :length] = 1
     return input_ids, attention_mask
+
+
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of `size` items (the last may be shorter)."""
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -48,7 +48,7 @@ def count_corpus(dataset, tokenizer, cfg: RunConfig) -> tuple[np.ndarray, dict]:
     n_windows = 0
     docs = corpus.documents_for_rank(dataset, env.rank, env.world_size)
     windows = corpus.iter_windows(docs, tokenizer, cfg.corpus.max_length, cfg.corpus.stride)
-    for chunk in _chunks(windows, 256):
+    for chunk in corpus.batched(windows, 256):
         local += corpus.count_tokens(chunk, vocab_size)
         n_windows += len(chunk)
     totals = dist.all_reduce_sum(torch.from_numpy(np.concatenate([local, [n_windows]]))).numpy()
@@ -78,14 +78,3 @@ def _npy(array: np.ndarray) -> bytes:
     from .shards import npy_bytes
 
     return npy_bytes(array)
-
-
-def _chunks(iterable, size: int):
-    chunk = []
-    for item in iterable:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk

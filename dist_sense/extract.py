@@ -17,7 +17,7 @@ import numpy as np
 from . import corpus, dist
 from .config import ConfigError, RunConfig
 from .counts import run_counts
-from .manifest import ManifestError, read_manifest, write_manifest
+from .manifest import is_finished, write_manifest
 from .metrics import summary_writer
 from .shards import HIDDEN_FORMAT, HIDDEN_VERSION, encode_hidden, npy_bytes
 from .teacher import Teacher
@@ -109,7 +109,7 @@ def run(cfg: RunConfig) -> Path:
     settings = extract_settings(cfg, teacher, corpus_path)
     if env.is_main:
         cfg.save()
-    if _is_complete(out_dir, settings):
+    if is_finished(out_dir, HIDDEN_FORMAT, HIDDEN_VERSION, settings):
         log.info("%s is complete for these settings; nothing to do", out_dir)
         return out_dir
     counts = run_counts(cfg, dataset, teacher.tokenizer, teacher.tokenizer_fingerprint, corpus_path)
@@ -121,16 +121,6 @@ def run(cfg: RunConfig) -> Path:
     _write_manifest(cfg, teacher, settings, out_dir, counts)
     dist.barrier()
     return out_dir
-
-
-def _is_complete(out_dir: Path, settings: dict) -> bool:
-    try:
-        manifest = read_manifest(out_dir, HIDDEN_FORMAT, HIDDEN_VERSION)
-    except ManifestError:
-        return False
-    if manifest.get("settings") != settings:
-        raise ManifestError(f"{out_dir / 'manifest.json'}: made with other settings; use another run_dir or delete {out_dir}")
-    return True
 
 
 def _write_manifest(cfg, teacher: Teacher, settings: dict, out_dir: Path, counts: np.ndarray) -> None:

@@ -18,7 +18,7 @@ from . import corpus, dist
 from .config import RunConfig
 from .dictionary import DictionaryError, SenseDictionary
 from .label_data import LABELS_FORMAT, LABELS_VERSION
-from .manifest import ManifestError, file_fingerprint, read_manifest, write_manifest
+from .manifest import file_fingerprint, is_finished, write_manifest
 from .shards import npy_bytes
 from .teacher import Teacher
 from .teacher_pass import gather_progress, merge_counters, run_pass
@@ -103,7 +103,7 @@ def run(cfg: RunConfig) -> Path:
     settings = label_settings(cfg, teacher, corpus_path, dictionary_fp)
     if env.is_main:
         cfg.save()
-    if _is_complete(out_dir, settings):
+    if is_finished(out_dir, LABELS_FORMAT, LABELS_VERSION, settings):
         log.info("%s is complete for these settings; nothing to do", out_dir)
         return out_dir
     run_pass(teacher, dataset, cfg.corpus, out_dir, "labels", settings, LabelSink(dictionary, cfg),
@@ -112,17 +112,6 @@ def run(cfg: RunConfig) -> Path:
     _write_manifest(cfg, teacher, settings, out_dir)
     dist.barrier()
     return out_dir
-
-
-def _is_complete(out_dir: Path, settings: dict) -> bool:
-    try:
-        manifest = read_manifest(out_dir, LABELS_FORMAT, LABELS_VERSION)
-    except ManifestError:
-        return False
-    if manifest.get("settings") != settings:
-        raise ManifestError(f"{out_dir / 'manifest.json'}: made with other settings (another dictionary, corpus or "
-                            f"teacher); use another run_dir or delete {out_dir}")
-    return True
 
 
 def _write_manifest(cfg: RunConfig, teacher: Teacher, settings: dict, out_dir: Path) -> None:

@@ -85,3 +85,21 @@ def model_fingerprint(model_dir: str | os.PathLike) -> str:
     for weights in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
         digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
     return digest.hexdigest()[:16]
+
+
+def is_finished(directory: str | os.PathLike, fmt: str, version: int, settings: dict) -> bool:
+    """Whether a stage's output is complete for `settings`: False with no manifest yet.
+
+    A foreign or outdated manifest, or one made with other settings, is an error rather
+    than "not finished", so a rerun never silently overwrites someone else's output.
+    """
+    path = Path(directory) / "manifest.json"
+    if not path.is_file():
+        return False
+    manifest = read_manifest(directory, fmt, version)
+    if manifest.get("settings") != settings:
+        changed = sorted(k for k in set(settings) | set(manifest.get("settings", {}))
+                         if settings.get(k) != manifest.get("settings", {}).get(k))
+        raise ManifestError(f"{path}: made with other settings ({', '.join(changed)} differ); "
+                            f"use another run_dir or delete {directory}")
+    return True

@@ -92,7 +92,7 @@ def run_pass(
                              close_when_full=False)
     docs = corpus.documents_for_rank(dataset, env.rank, env.world_size)
     windows = corpus.iter_windows(docs, teacher.tokenizer, corpus_cfg.max_length, corpus_cfg.stride)
-    batches = _batches(_skip(windows, progress.state["windows_done"]), batch_size)
+    batches = corpus.batched(_skip(windows, progress.state["windows_done"]), batch_size)
     pad = teacher.tokenizer.pad_token_id
     tb = summary_writer(tb_dir.parent, tb_dir.name)
     bar = tqdm(total=expected_tokens // env.world_size or None, unit="tok", disable=not env.is_main, desc=prefix)
@@ -125,14 +125,3 @@ def _skip(windows, n: int):
     for i, window in enumerate(windows):
         if i >= n:
             yield window
-
-
-def _batches(windows, size: int):
-    batch = []
-    for window in windows:
-        batch.append(window)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
