@@ -12,7 +12,7 @@ import time
 
 from bench import common
 
-N_DOCS, MAX_LENGTH, BATCH, ROUNDS = 2000, 64, 32, 3
+N_DOCS, MAX_LENGTH, BATCH, ROUNDS = 1200, 64, 32, 2
 
 
 def main() -> dict:
