@@ -54,7 +54,21 @@ def write_shard(directory, index: int, arrays: dict, examples: dict | None = Non
         manifest.atomic_write_bytes(directory / examples_name(index), json.dumps(body, ensure_ascii=False).encode())
     tensors = {key: np.ascontiguousarray(arrays[key]) for key in ARRAYS}
     meta = {"format": DICT_FORMAT, "shard": str(index), "info": json.dumps(info or {}, sort_keys=True)}
-    return manifest.atomic_write_bytes(directory / shard_name(index), save(tensors, metadata=meta))
+    return manifest.atomic_write_bytes(directory / shard_name(index), _canonical_header(save(tensors, metadata=meta)))
+
+
+def _canonical_header(blob: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted.
+
+    safetensors writes metadata in hash-map order, which changes between processes; the
+    same tile must give the same bytes (a resumed run is compared byte for byte).
+    """
+    import struct
+
+    length = struct.unpack("<Q", blob[:8])[0]
+    header = json.dumps(json.loads(blob[8 : 8 + length]), separators=(",", ":"), sort_keys=True).encode()
+    header += b" " * (-len(header) % 8)  # safetensors keeps the data 8-byte aligned
+    return struct.pack("<Q", len(header)) + header + blob[8 + length :]
 
 
 def read_shard(path, mmap: bool = True) -> tuple[dict, dict]:

@@ -242,7 +242,7 @@ def test_slurm_script_local(tmp_path, tiny_bert, toy_corpus):
 
 @pytest.mark.slow
 def test_killed_rank_then_rerun_gives_byte_identical_dictionary(tmp_path):
-    """Rank 1 dies like kill -9 after its first tile; the rerun's files equal an uninterrupted run's."""
+    """Rank 1 dies like kill -9 after its second tile (the first it writes itself); the rerun's files equal an uninterrupted run's."""
     hidden_dir = make_hidden_dir(tmp_path / "source", samples=30)
     config = tmp_path / "config.json"
     config.write_text(json.dumps(make_config(tmp_path).to_dict()))
@@ -255,7 +255,7 @@ def test_killed_rank_then_rerun_gives_byte_identical_dictionary(tmp_path):
         args = ["--config", config, f"run_dir={run_dir}"]
         if name == "crashed":
             proc = testing.run_mpirun(script, args, nproc=2, timeout=120, check=False,
-                                      env={"DIST_SENSE_CRASH": "build_dict.tile:1:1"})
+                                      env={"DIST_SENSE_CRASH": "build_dict.tile:2:1"})
             assert proc.returncode != 0 and not (run_dir / "dictionary" / "index.json").exists()
             assert list((run_dir / "dictionary").glob("senses-*.safetensors")), "no tile finished before the kill"
         testing.run_mpirun(script, args, nproc=2, timeout=120)
