@@ -14,7 +14,7 @@ import argparse
 import hashlib
 import json
 import random
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
 from . import wordnet
