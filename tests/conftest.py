@@ -1,5 +1,7 @@
 """Test harness: offline hub, CPU DeepSpeed, tiny models built from config, gpu/slow markers."""
 import os
+import time
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -10,6 +12,20 @@ import pytest  # noqa: E402
 from dist_sense import backend, testing  # noqa: E402
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(testing.REPO_ROOT / ".torch_extensions"))
+
+
+_SESSION_START = time.time()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # DeepSpeed's CPU all-reduce leaves a /dev/shm buffer per rank (tens of MB each), and a
+    # killed rank never removes its own: without this the suite fills /dev/shm (RAM) run by run.
+    for buffer in Path("/dev/shm").glob("deepspeed_*"):
+        try:
+            if buffer.stat().st_mtime >= _SESSION_START - 1:
+                buffer.unlink()
+        except OSError:
+            pass
 
 
 def pytest_collection_modifyitems(config, items):
