@@ -146,16 +146,11 @@ def _bin(name: str) -> str:
 def run_command(cmd: list[str], timeout: float = 300, env: dict | None = None, check: bool = True, cwd=None):
     """Run `cmd`, return the CompletedProcess; on failure raise with the output's tail."""
     import subprocess
-    import time
 
-    started = time.time()
-    try:
-        proc = subprocess.run(
-            cmd, cwd=cwd or REPO_ROOT, env=launch_env(env), capture_output=True, text=True, timeout=timeout,
-            start_new_session=True,
-        )
-    finally:
-        remove_shm_buffers(since=started)
+    proc = subprocess.run(
+        cmd, cwd=cwd or REPO_ROOT, env=launch_env(env), capture_output=True, text=True, timeout=timeout,
+        start_new_session=True,
+    )
     if check and proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-6000:]
         raise RuntimeError(f"command failed with exit code {proc.returncode}: {' '.join(cmd)}\n{tail}")
