@@ -20,12 +20,7 @@ _SESSION_START = time.time()
 def pytest_sessionfinish(session, exitstatus):
     # DeepSpeed's CPU all-reduce leaves a /dev/shm buffer per rank (tens of MB each), and a
     # killed rank never removes its own: without this the suite fills /dev/shm (RAM) run by run.
-    for buffer in Path("/dev/shm").glob("deepspeed_*"):
-        try:
-            if buffer.stat().st_mtime >= _SESSION_START - 1:
-                buffer.unlink()
-        except OSError:
-            pass
+    testing.remove_shm_buffers(since=_SESSION_START)
 
 
 def pytest_collection_modifyitems(config, items):
