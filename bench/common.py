@@ -69,7 +69,7 @@ def single_process_env() -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
 
 
-def teacher_run(n_docs: int = 2000, cap: int = 1000) -> Path:
+def teacher_run(n_docs: int = 12000, cap: int = 1000) -> Path:
     """A run directory with hidden/ from the demo model over WordNet text (extracted once, on 1 rank)."""
     from dist_sense import testing
 

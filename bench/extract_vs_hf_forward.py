@@ -1,9 +1,13 @@
 """Extraction on 1 rank against a plain HF forward over the same batches.
 
-Ours: the whole teacher pass of the extract stage (tokenised windows, ZeRO-3 engine
-forward, lockstep check, capped sampling, fp16 encoding, shard writing). Baseline:
-`AutoModel(...).last_hidden_state` over the same padded batches, nothing else.
-throughput_ratio = baseline seconds / our seconds (1.0: extraction costs nothing extra).
+Ours: the whole teacher pass of the extract stage (tokenised windows, length-sorted
+batches, forward, lockstep check, capped sampling, fp16 encoding, shard writing), as
+`extract.partition=auto` runs it on one rank: the model whole, since partitioning one
+rank's parameters across one rank saves nothing. Baseline: `AutoModel(...).last_hidden_state`
+over the same padded batches, nothing else. throughput_ratio = baseline seconds / our
+seconds (1.0: extraction costs nothing extra). throughput_ratio_zero3 is the same pass
+with the teacher forced under ZeRO-3 (extract.partition=zero3, persistence threshold of
+ds_configs/z3_infer.json): the price of the parameter-gather hooks on one rank.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ def main() -> dict:
     dataset = corpus.load_documents(cfg.corpus.path)
     tokenizer = load_tokenizer(cfg.model)
     windows = list(corpus.iter_windows(corpus.documents_for_rank(dataset, 0, 1), tokenizer, MAX_LENGTH))
-    batches = [corpus.batch_windows(windows[i : i + BATCH], tokenizer.pad_token_id) for i in range(0, len(windows), BATCH)]
+    batches = [corpus.batch_windows(b.windows, tokenizer.pad_token_id) for b in corpus.length_sorted_batches(windows, BATCH)]
     n_tokens = sum(sum(w.owned) for w in windows)
 
     # The plain model must load before the ZeRO-3 config exists (it would load partitioned).
@@ -49,24 +53,30 @@ def main() -> dict:
         return time.perf_counter() - start
 
     dist.init_torch()
-    teacher = Teacher(cfg.model, cfg.extract.ds_config, BATCH)
-    counts = run_counts(cfg, dataset, tokenizer, teacher.tokenizer_fingerprint, cfg.corpus.path)
+    teachers = {"auto": Teacher(cfg.model, cfg.extract.ds_config, BATCH)}
+    assert not teachers["auto"].partitioned
+    counts = run_counts(cfg, dataset, tokenizer, teachers["auto"].tokenizer_fingerprint, cfg.corpus.path)
     sink = HiddenSink(keep_probability(counts, cfg.extract.cap, banned_token_ids(tokenizer, [])), 0, "fp16")
 
-    def extract_pass(round_: int) -> float:
-        out = run_dir / f"hidden-{round_}"
+    def extract_pass(mode: str, round_: int) -> float:
+        out = run_dir / f"hidden-{mode}-{round_}"
         start = time.perf_counter()
-        run_pass(teacher, dataset, cfg.corpus, out, "hidden", {"round": round_}, sink, BATCH, 500, run_dir / "tb" / "x")
+        run_pass(teachers[mode], dataset, cfg.corpus, out, "hidden", {"round": round_}, sink, BATCH, 500,
+                 run_dir / "tb" / "x")
         return time.perf_counter() - start
 
-    # Alternate the two, best of ROUNDS each, so drift in machine load hits both alike.
+    # Alternate, best of ROUNDS each, so drift in machine load hits all alike.
     baseline, ours = [], []
     for round_ in range(ROUNDS):
         baseline.append(hf_forward())
-        ours.append(extract_pass(round_))
-    baseline_s, ours_s = min(baseline), min(ours)
+        ours.append(extract_pass("auto", round_))
+    teachers["zero3"] = Teacher(cfg.model, cfg.extract.ds_config, BATCH, partition="zero3")
+    zero3 = [extract_pass("zero3", round_) for round_ in range(ROUNDS)]
+    baseline.append(hf_forward())
+    baseline_s, ours_s, zero3_s = min(baseline), min(ours), min(zero3)
     figures = {
         "rounds_hf_s": [round(x, 2) for x in baseline], "rounds_ours_s": [round(x, 2) for x in ours],
+        "rounds_zero3_s": [round(x, 2) for x in zero3], "throughput_ratio_zero3": baseline_s / zero3_s,
         "throughput_ratio": baseline_s / ours_s, "ours_tokens_per_s": n_tokens / ours_s,
         "hf_forward_tokens_per_s": n_tokens / baseline_s, "tokens": n_tokens, "batches": len(batches),
         "model": "all-MiniLM-L6-v2 (6 layers, d=384)", "batch_size": BATCH, "max_length": MAX_LENGTH,

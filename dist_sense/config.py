@@ -75,6 +75,10 @@ class ExtractConfig:
     """Token strings never kept (special and padding tokens are never kept anyway)."""
     ds_config: str = "ds_configs/z3_infer.json"
     """DeepSpeed ZeRO-3 inference config for the teacher."""
+    partition: str = "auto"
+    """Teacher placement: zero3 (parameters partitioned across ranks, gathered layer by layer),
+    replicate (a whole copy per rank: no gathers, for teachers that fit on one device) or auto
+    (zero3, except on a single rank without offload, where partitioning only adds gather hooks)."""
     offload: str = "none"
     """Teacher parameter offload: none, cpu or nvme (ZeRO-Inference)."""
     nvme_path: str = ""
@@ -86,6 +90,9 @@ class ExtractConfig:
         _check_positive("extract.shard_samples", self.shard_samples)
         _check_choice("extract.hidden_dtype", self.hidden_dtype, DTYPES)
         _check_choice("extract.offload", self.offload, ("none", "cpu", "nvme"))
+        _check_choice("extract.partition", self.partition, ("auto", "zero3", "replicate"))
+        if self.partition == "replicate" and self.offload != "none":
+            raise ConfigError(f"extract.offload={self.offload} needs ZeRO-3: use extract.partition=auto or zero3")
         if self.offload == "nvme" and not self.nvme_path:
             raise ConfigError("extract.offload=nvme needs extract.nvme_path")
 
@@ -134,8 +141,10 @@ class KMeansConfig:
 class LabelConfig:
     corpus_path: str = ""
     """Distillation corpus; empty means corpus.path (windowing and text_field come from corpus)."""
-    similarity: str = "dot"
-    """How a hidden state picks its sense: dot, cos or l2."""
+    similarity: str = "l2"
+    """How a hidden state picks its sense: dot, cos or l2 (the nearest centre). The reference uses
+    dot, which favours long centres when states are not normalised; l2 measured best in the demo
+    (docs/results.md, snapping.* metrics). The student is trained with the same similarity."""
     batch_size: int = 8
     """Windows per teacher forward call on each rank."""
     soft_topk: int = 0
@@ -166,6 +175,10 @@ class DistillConfig:
     """Directory (or config.json) of a separate student model for init=model."""
     loss: str = "kd"
     """kd (sense cross-entropy, KL with soft targets) or mse (to the teacher's hidden states)."""
+    freeze_embeddings: bool = False
+    """Keep the student's input embeddings fixed. In a truncated small model they are most of the
+    parameters (a 2-of-6-layer MiniLM: 12M of 15M), so freezing them makes each step's gradient
+    reduce and optimizer update several times cheaper."""
     global_batch_size: int = 16
     """Windows per optimizer step over all ranks."""
     micro_batch_size: int = 8
@@ -212,8 +225,9 @@ class EvalConfig:
     """Held-out documents read."""
     batch_size: int = 16
     """Windows per forward call."""
-    similarity: str = "dot"
-    """Sense snapping rule at evaluation: dot, cos or l2."""
+    similarity: str = "l2"
+    """Sense snapping rule at evaluation: dot, cos or l2; keep it equal to label.similarity, the
+    rule the student was trained for (evaluation warns otherwise)."""
     probe_tasks: list = field(default_factory=list)
     """Sentence classification probes as name=path.jsonl (one {"text", "label"} per line)."""
     wic_path: str = ""

@@ -320,6 +320,32 @@ def batch_windows(windows: list[Window], pad_id: int):
     return input_ids, attention_mask
 
 
+POOL_BATCHES = 8
+"""Batches' worth of consecutive windows sorted by length together (see length_sorted_batches)."""
+
+
+@dataclass
+class Batch:
+    """Windows forwarded together; `closes_pool` marks the last batch of a length-sorted pool."""
+
+    windows: list
+    closes_pool: bool
+
+
+def length_sorted_batches(windows: Iterable, batch_size: int, pool_batches: int = POOL_BATCHES) -> Iterator[Batch]:
+    """Batches of windows of similar length, so little of each forward is spent on padding.
+
+    Each pool of batch_size * pool_batches consecutive windows is sorted longest first
+    (a batch that does not fit in memory fails at once) and cut into batches. Pools are
+    cut from the stream alone, so a run resumed at a pool boundary forms the same batches.
+    """
+    for pool in batched(windows, batch_size * pool_batches):
+        pool.sort(key=lambda w: -len(w.input_ids))  # stable: ties keep corpus order
+        parts = list(batched(pool, batch_size))
+        for number, part in enumerate(parts):
+            yield Batch(part, number == len(parts) - 1)
+
+
 def batched(items: Iterable, size: int) -> Iterator[list]:
     """Consecutive lists of `size` items (the last may be shorter)."""
     batch = []

@@ -28,7 +28,7 @@ from .config import ConfigError, RunConfig
 from .dictionary import SenseDictionary
 from .faults import crash_point
 from .label_data import LabelData, LabelsError, check_labels_match_dictionary, read_labels_manifest
-from .losses import mse_loss, positions_per_chunk, sense_kd_loss
+from .losses import mse_loss, positions_per_chunk, sense_kd_loss, sense_table
 from .manifest import ManifestError, atomic_write_json, file_fingerprint
 from .metrics import summary_writer
 from .student import build_student, check_vocabulary, save_student
@@ -112,7 +112,8 @@ def run_identity(cfg: RunConfig, labels_manifest: dict) -> dict:
             "dictionary_fingerprint": labels_manifest.get("dictionary_fingerprint"),
             "teacher_fingerprint": labels_manifest.get("teacher_fingerprint"),
             "init": cfg.distill.init, "layers": cfg.distill.layers if cfg.distill.init == "truncate" else None,
-            "student_model": cfg.distill.student_model, "loss": cfg.distill.loss}
+            "student_model": cfg.distill.student_model, "loss": cfg.distill.loss,
+            "freeze_embeddings": cfg.distill.freeze_embeddings}
 
 
 def prepare(cfg: RunConfig, world_size: int) -> dict:
@@ -215,14 +216,16 @@ def resume(engine, ckpt_dir: Path, identity: dict, data: LabelData) -> int:
 class SenseTable:
     """The dictionary's padded senses on the training device, and the loss settings that use them."""
 
-    def __init__(self, dictionary: SenseDictionary, device, loss: str, temperature: float, dtype=torch.float32):
+    def __init__(self, dictionary: SenseDictionary, device, loss: str, temperature: float, dtype=torch.float32,
+                 similarity: str = "dot"):
         centres, mask, token_to_row = dictionary.padded(np)
         # T x K_max x d can be large: stored in the student's compute dtype (bf16 on GPUs), logits in fp32.
-        self.centres = torch.from_numpy(np.ascontiguousarray(centres)).to(device, dtype)
+        # Transformed for the labels' similarity, so the student is scored the way the teacher was.
+        self.centres = sense_table(torch.from_numpy(np.ascontiguousarray(centres)), similarity).to(device, dtype)
         self.mask = torch.from_numpy(np.ascontiguousarray(mask)).to(device)
         self.token_to_row = torch.from_numpy(np.ascontiguousarray(token_to_row)).to(device)
         self.chunk = positions_per_chunk(self.centres.shape[1], self.centres.shape[2])
-        self.loss, self.temperature = loss, temperature
+        self.loss, self.temperature, self.similarity = loss, temperature, similarity
 
     def compute(self, states, batch: dict):
         """(loss to optimise, stats tensors n / correct_top1 / correct_top5) for one micro-batch."""
@@ -230,10 +233,10 @@ class SenseTable:
         if self.loss == "mse":
             loss, _ = mse_loss(states, batch["teacher"], batch["attention_mask"])
             with torch.no_grad():  # sense agreement, so both losses are compared on one scale
-                _, stats = sense_kd_loss(states.detach(), *args, chunk_positions=self.chunk)
+                _, stats = sense_kd_loss(states.detach(), *args, chunk_positions=self.chunk, similarity=self.similarity)
             return loss, stats
         return sense_kd_loss(states, *args, soft_ids=batch.get("soft_ids"), soft_probs=batch.get("soft_probs"),
-                             chunk_positions=self.chunk, temperature=self.temperature)
+                             chunk_positions=self.chunk, temperature=self.temperature, similarity=self.similarity)
 
 
 def _on(batch: dict, device) -> dict:
@@ -348,7 +351,8 @@ def run(cfg: RunConfig) -> Path:
     data = LabelData(cfg.run_path / "labels", plan["manifest"], env.rank, env.world_size, plan["micro"],
                      global_batch=cfg.distill.global_batch_size, seed=cfg.distill.seed, eval_fraction=cfg.distill.eval_fraction, pad_id=tokenizer.pad_token_id or 0)
     senses = SenseTable(plan["dictionary"], engine.device, cfg.distill.loss, float(plan["manifest"].get("temperature") or 1.0),
-                        dtype=torch.bfloat16 if engine.bfloat16_enabled() else torch.float32)
+                        dtype=torch.bfloat16 if engine.bfloat16_enabled() else torch.float32,
+                        similarity=plan["manifest"].get("similarity") or "dot")
     step = resume(engine, plan["ckpt_dir"], plan["identity"], data)
     if env.is_main:
         atomic_write_json(plan["ckpt_dir"] / "run.json", plan["identity"])
@@ -362,8 +366,11 @@ def run(cfg: RunConfig) -> Path:
 def _initialize(cfg: RunConfig, student, plan: dict):
     import deepspeed
 
-    decay = [p for n, p in student.named_parameters() if p.ndim >= 2 and "norm" not in n.lower()]
-    no_decay = [p for n, p in student.named_parameters() if not (p.ndim >= 2 and "norm" not in n.lower())]
+    if cfg.distill.freeze_embeddings:
+        student.backbone.get_input_embeddings().requires_grad_(False)
+    trainable = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.ndim >= 2 and "norm" not in n.lower()]
+    no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "norm" not in n.lower())]
     groups = [{"params": decay, "weight_decay": cfg.distill.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     warmup, steps = cfg.distill.warmup_steps, cfg.distill.steps
 
@@ -372,8 +379,9 @@ def _initialize(cfg: RunConfig, student, plan: dict):
 
     config = engine_config(cfg, plan["micro"], plan["accum"])
     engine, *_ = deepspeed.initialize(model=student, model_parameters=groups, config=config, lr_scheduler=schedule)
-    log.info("student %s: %d parameters; micro batch %d x %d ranks x %d accumulation = %d windows per step",
-             student.info.get("init"), sum(p.numel() for p in student.parameters()), plan["micro"],
+    log.info("student %s: %d parameters (%d trained); micro batch %d x %d ranks x %d accumulation = %d windows per step",
+             student.info.get("init"), sum(p.numel() for p in student.parameters()),
+             sum(p.numel() for _, p in trainable), plan["micro"],
              dist.detect().world_size, plan["accum"], cfg.distill.global_batch_size)
     return engine
 

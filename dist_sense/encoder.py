@@ -8,7 +8,7 @@
 
 Snapping (the paper's drop-in replacement) is one gather and one batched matmul per
 batch: dot, cos and l2 all reduce to a dot product against a transformed sense table
-built once (unit-norm senses for cos; senses extended by -||c||^2/2 for l2).
+built once (losses.sense_table: the same transform the distillation loss uses).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 
 from .config import RunConfig
 from .dictionary import SenseDictionary
-from .losses import sense_logits
+from .losses import sense_logits, sense_queries, sense_table
 
 
 @dataclass
@@ -54,11 +54,7 @@ class SnapTable:
             raise ValueError(f"similarity={similarity!r}: use dot, cos or l2")
         centres, mask, token_to_row = (torch.from_numpy(np.ascontiguousarray(a)) for a in dictionary.padded(np))
         self.raw = centres.to(device)
-        if similarity == "cos":
-            centres = centres / centres.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        elif similarity == "l2":  # argmin ||h - c|| = argmax <[c, -|c|^2/2], [h, 1]>
-            centres = torch.cat([centres, -0.5 * (centres * centres).sum(-1, keepdim=True)], dim=-1)
-        self.centres, self.mask = centres.to(device), mask.to(device)
+        self.centres, self.mask = sense_table(centres, similarity).to(device), mask.to(device)
         self.token_to_row = token_to_row.to(device)
         self.similarity = similarity
 
@@ -70,9 +66,7 @@ class SnapTable:
         sense = torch.full_like(token_ids, -1)
         embedded = states.clone()
         if has.any():
-            h = states[has]
-            if self.similarity == "l2":
-                h = torch.cat([h, torch.ones_like(h[:, :1])], dim=-1)
+            h = sense_queries(states[has], self.similarity)
             best = sense_logits(h, rows[has], self.centres, self.mask).argmax(dim=-1)
             sense[has] = best
             embedded[has] = self.raw[rows[has], best].to(states.dtype)

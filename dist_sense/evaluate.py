@@ -16,8 +16,6 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 import torch
 
@@ -26,30 +24,20 @@ from .config import RunConfig
 from .corpus import iter_windows, load_documents
 from .dictionary import SenseDictionary
 from .encoder import EncodedText, SenseEncoder
-from .manifest import ManifestError, atomic_write_json
+from .manifest import atomic_write_json
 from .metrics import summary_writer
+from .probes import EvalError, content_mask, row_cosine, sentence_probes, wic_probe
 
 log = dist.get_logger("dist_sense.evaluate")
 
-SYSTEMS = {  # system -> (the encoder that runs it, the embeddings it is judged on)
-    "teacher": ("teacher", "continuous"),
-    "teacher_senses": ("teacher", "senses"),
-    "student_senses": ("student", "senses"),
-    "student_no_kd": ("student_no_kd", "continuous"),
-    "student_mse": ("student_mse", "continuous"),
-}
-PROBE_SEED = 0
-"""Seed of the shuffle that splits probe examples into train and test."""
-PROBE_TEST_FRACTION = 0.2
-PROBE_MAX_ITER = 1000
 TOP_K = 5
 REPORT_WORDS = 8
 """Ambiguous words whose senses the report lists."""
 EXAMPLES_PER_SENSE = 2
-
-
-class EvalError(ManifestError):
-    """A model, probe file or held-out text that evaluation cannot use; the message names it."""
+PLOT_WORDS, PLOT_CANDIDATES = 4, 16
+"""Words drawn in senses.png, chosen among this many ambiguous words."""
+PLOT_DOCUMENTS, PLOT_OCCURRENCES = 20000, 150
+"""Training documents searched for the plotted words; occurrences drawn per word."""
 
 
 # ----------------------------------------------------------------------------- systems
@@ -118,25 +106,6 @@ def directory_bytes(path: Path) -> int:
 
 
 # ----------------------------------------------------------------------------- encoding
-
-
-def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-
-
-def content_mask(encoded: EncodedText) -> np.ndarray:
-    """True for tokens that cover text; the encoder gives special tokens the empty span (0, 0)."""
-    spans = np.asarray(encoded.offsets, dtype=np.int64).reshape(-1, 2)
-    return spans[:, 1] > spans[:, 0]
-
-
-def encode_each(encoder: SenseEncoder, texts: list[str], batch_size: int, pick: Callable[[EncodedText, int], object]):
-    """pick(encoded, index) for every text, encoding batch by batch so only the picked parts are kept."""
-    kept = []
-    for start in range(0, len(texts), batch_size):
-        batch = encoder.encode(texts[start : start + batch_size], batch_size=batch_size)
-        kept.extend(pick(encoded, start + i) for i, encoded in enumerate(batch))
-    return kept
 
 
 class Clock:
@@ -214,128 +183,6 @@ def held_out_metrics(texts: list[str], encoders: dict, dictionary: SenseDictiona
     }, {"windows": len(texts), "content_tokens": int(content), "tokens_with_senses": int(labelled)}
 
 
-# ----------------------------------------------------------------------------- downstream probes
-
-
-def read_jsonl(path: str, fields: tuple[str, ...], limit: int, what: str) -> list[dict]:
-    """The first `limit` records of a jsonl file, each checked to hold `fields`."""
-    file = Path(path)
-    if not file.is_file():
-        raise EvalError(f"{file}: {what} file not found")
-    records = []
-    with open(file, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if len(records) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise EvalError(f"{file}:{number}: not valid JSON ({err})") from None
-            missing = [k for k in fields if not isinstance(record, dict) or k not in record]
-            if missing:
-                raise EvalError(f"{file}:{number}: {what} record lacks {missing} (expected keys {list(fields)})")
-            records.append(record)
-    if not records:
-        raise EvalError(f"{file}: no {what} records")
-    return records
-
-
-def probe_accuracy(features: np.ndarray, labels: list, source: str) -> float:
-    """Test accuracy of a logistic regression on a fixed, seeded 80/20 split by index."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    labels = np.asarray([str(label) for label in labels])
-    order = np.random.default_rng(PROBE_SEED).permutation(len(labels))
-    n_test = max(1, int(round(PROBE_TEST_FRACTION * len(labels))))
-    test, train = order[:n_test], order[n_test:]
-    if len(np.unique(labels[train])) < 2:
-        raise EvalError(f"{source}: the probe's training split has fewer than two labels; give it more examples")
-    # Scaling first: raw hidden states of LMs have a few huge dimensions that stall the solver.
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=PROBE_MAX_ITER))
-    probe.fit(features[train], labels[train])
-    return float((probe.predict(features[test]) == labels[test]).mean())
-
-
-def sentence_probes(cfg: RunConfig, encoders: dict, notes: dict) -> dict:
-    """downstream.<task>.<system> for every task of eval.probe_tasks."""
-    metrics = {}
-    for task in cfg.eval.probe_tasks:
-        name, path = str(task).split("=", 1)
-        if name == "wic" or f"downstream.{name}.teacher" in metrics:  # its keys would overwrite others
-            raise EvalError(f"eval.probe_tasks: task name {name!r} is taken; give each task its own, not 'wic'")
-        records = read_jsonl(path, ("text", "label"), cfg.eval.max_probe_examples, f"probe task {name!r}")
-        texts, labels = [str(r["text"]) for r in records], [r["label"] for r in records]
-        pooled = {}
-        for encoder_name in dict.fromkeys(enc for enc, _ in SYSTEMS.values()):
-            if encoders.get(encoder_name) is not None:
-                pairs = encode_each(encoders[encoder_name], texts, cfg.eval.batch_size,
-                                    lambda e, _: (np.array(e.sentence_embedding), np.array(e.sentence_sense_embedding)))
-                pooled[encoder_name] = {"continuous": np.stack([p[0] for p in pairs]),
-                                        "senses": np.stack([p[1] for p in pairs])}
-        for system, (encoder_name, kind) in SYSTEMS.items():
-            value = probe_accuracy(pooled[encoder_name][kind], labels, path) if encoder_name in pooled else None
-            metrics[f"downstream.{name}.{system}"] = value
-        notes["probes"][name] = {"path": path, "examples": len(records), "labels": len(set(map(str, labels)))}
-        log.info("probe %s (%d examples): %s", name, len(records),
-                 ", ".join(f"{s} {metrics[f'downstream.{name}.{s}']}" for s in SYSTEMS))
-    return metrics
-
-
-def token_at(encoded: EncodedText, start: int, end: int) -> int:
-    """Index of the first token overlapping the character span [start, end); -1 if none does."""
-    for i, (a, b) in enumerate(encoded.offsets):
-        if b > a and a < end and b > start:
-            return i
-    return -1
-
-
-def wic_vectors(encoder: SenseEncoder, texts: list[str], spans: list[tuple[int, int]], batch_size: int, source: str):
-    """(continuous, sense) [n, d] embeddings of each text's marked word."""
-    def pick(encoded: EncodedText, index: int):
-        at = token_at(encoded, *spans[index])
-        if at < 0:
-            raise EvalError(f"{source}: pair {index // 2 + 1}: no token covers characters {spans[index]} of "
-                            f"{texts[index][:60]!r} (wrong span, or cut at max_length)")
-        # Copies: a view would keep the whole batch's arrays alive until the end.
-        return np.array(encoded.hidden[at]), np.array(encoded.sense_embeddings[at])
-
-    picked = encode_each(encoder, texts, batch_size, pick)
-    return {"continuous": np.stack([p[0] for p in picked]), "senses": np.stack([p[1] for p in picked])}
-
-
-def wic_probe(cfg: RunConfig, encoders: dict, notes: dict) -> dict:
-    """downstream.wic.<system>: ROC AUC of the cosine between the word's embeddings in the two texts."""
-    from sklearn.metrics import roc_auc_score
-
-    path = cfg.eval.wic_path
-    fields = ("text1", "start1", "end1", "text2", "start2", "end2", "same")
-    pairs = read_jsonl(path, fields, cfg.eval.max_probe_examples, "WiC pair")
-    same = np.array([bool(p["same"]) for p in pairs])
-    if same.all() or not same.any():
-        raise EvalError(f"{path}: WiC needs pairs with same=true and with same=false for an AUC")
-    # Interleaved: text1 of pair i at 2i, text2 at 2i + 1.
-    texts = [str(p[f"text{n}"]) for p in pairs for n in (1, 2)]
-    spans = [(int(p[f"start{n}"]), int(p[f"end{n}"])) for p in pairs for n in (1, 2)]
-    vectors = {name: wic_vectors(enc, texts, spans, cfg.eval.batch_size, path)
-               for name, enc in encoders.items() if enc is not None}
-    metrics = {}
-    for system, (encoder_name, kind) in SYSTEMS.items():
-        if encoder_name not in vectors:
-            metrics[f"downstream.wic.{system}"] = None
-            continue
-        cos = row_cosine(vectors[encoder_name][kind][0::2], vectors[encoder_name][kind][1::2])
-        metrics[f"downstream.wic.{system}"] = float(roc_auc_score(same, cos))
-    words = [str(p["text1"])[int(p["start1"]) : int(p["end1"])].lower() for p in pairs]
-    notes["wic"] = {"path": path, "pairs": len(pairs), "same": int(same.sum()),
-                    "words": sorted(set(words), key=lambda w: (-words.count(w), w))}
-    log.info("wic (%d pairs): %s", len(pairs), ", ".join(f"{s} {metrics[f'downstream.wic.{s}']}" for s in SYSTEMS))
-    return metrics
-
-
 # ----------------------------------------------------------------------------- the stage
 
 
@@ -360,6 +207,27 @@ def ambiguous_words(encoder: SenseEncoder, notes: dict, held_out: list[str]) -> 
     return listing
 
 
+def sense_pictures(cfg: RunConfig, encoder: SenseEncoder, notes: dict, held_out: list[str]) -> dict:
+    """RUN/eval/senses.png (a few ambiguous words' occurrences, coloured by sense) and the sense
+    centres for TensorBoard's projector under RUN/tb/senses; returns what the report shows."""
+    from .sense_figures import export_projector, plot_senses, word_occurrences
+
+    candidates = [e["word"] for e in notes.get("words", [])] + list(notes.get("wic", {}).get("words", []))
+    candidates = list(dict.fromkeys(candidates))[:PLOT_CANDIDATES]
+    # The dictionary's own corpus has the most occurrences of each word; held-out text adds unseen ones.
+    documents = load_documents(cfg.corpus.path, cfg.corpus.text_field, PLOT_DOCUMENTS)["text"]
+    found = word_occurrences(encoder, list(documents) + list(held_out), candidates,
+                             max_per_word=PLOT_OCCURRENCES, batch_size=cfg.eval.batch_size)
+    # Words whose occurrences spread over the most senses show the split best.
+    ordered = sorted(found.values(), key=lambda o: -len(np.unique(o["sense_ids"])))
+    png = plot_senses({o["word"]: o for o in ordered}, cfg.run_path / "eval" / "senses.png", max_words=PLOT_WORDS)
+    projector = export_projector(encoder.dictionary, encoder.tokenizer, cfg.run_path / "tb" / "senses")
+    log.info("sense pictures: %s (%s); projector export in %s", png, ", ".join(o["word"] for o in ordered[:PLOT_WORDS]),
+             projector)
+    return {"senses_png": png.name if png else None, "plotted_words": [o["word"] for o in ordered[:PLOT_WORDS]],
+            "projector": str(projector)}
+
+
 def run(cfg: RunConfig) -> Path:
     """Evaluate RUN's dictionary and students into RUN/eval/ (metrics.json, details.json, report.md)."""
     from .report import write_report
@@ -375,12 +243,19 @@ def run(cfg: RunConfig) -> Path:
     tokenizer.padding_side = "right"
     device = dist.device()
     notes = {"skipped": {}, "probes": {}}
+    labels_manifest = cfg.run_path / "labels" / "manifest.json"
+    trained_for = json.loads(labels_manifest.read_text()).get("similarity") if labels_manifest.is_file() else None
+    if trained_for and trained_for != cfg.eval.similarity:
+        log.warning("eval.similarity=%s but the student was trained on %s labels (%s): agreement and "
+                    "student_senses measure a rule it was not trained for", cfg.eval.similarity, trained_for,
+                    labels_manifest)
     encoders = open_encoders(cfg, tokenizer, dictionary, device, notes)
     texts, source, is_training = held_out_texts(cfg, tokenizer)
     if is_training:
         log.warning("held-out text %s is a training corpus (set eval.corpus_path to unseen text)", source)
     metrics, notes["held_out"] = held_out_metrics(texts, encoders, dictionary, cfg)
-    metrics.update({"eval.held_out_source": str(source), "eval.held_out_is_training_corpus": bool(is_training)})
+    metrics.update({"eval.held_out_source": str(source), "eval.held_out_is_training_corpus": bool(is_training),
+                    "eval.similarity": cfg.eval.similarity})
     metrics.update(sentence_probes(cfg, encoders, notes))
     if cfg.eval.wic_path:
         metrics.update(wic_probe(cfg, encoders, notes))
@@ -390,6 +265,7 @@ def run(cfg: RunConfig) -> Path:
                     "size.student_params": parameter_count(encoders["student"].model),
                     "size.dictionary_bytes": directory_bytes(cfg.run_path / "dictionary")})
     notes["words"] = ambiguous_words(encoders["teacher"], notes, texts)
+    notes["figures"] = sense_pictures(cfg, encoders["teacher"], notes, texts)
     notes.update(similarity=cfg.eval.similarity, device=str(device), run_dir=str(cfg.run_path))
     atomic_write_json(out_dir / "details.json", notes)
     atomic_write_json(out_dir / "metrics.json", metrics)

@@ -105,7 +105,8 @@ def run(cfg: RunConfig) -> Path:
     out_dir = cfg.run_path / "hidden"
     corpus_path = cfg.corpus.path
     dataset = corpus.load_documents(corpus_path, cfg.corpus.text_field, cfg.corpus.max_documents)
-    teacher = Teacher(cfg.model, cfg.extract.ds_config, cfg.extract.batch_size, cfg.extract.offload, cfg.extract.nvme_path)
+    teacher = Teacher(cfg.model, cfg.extract.ds_config, cfg.extract.batch_size, cfg.extract.offload, cfg.extract.nvme_path,
+                      cfg.extract.partition)
     settings = extract_settings(cfg, teacher, corpus_path)
     if env.is_main:
         cfg.save()
@@ -140,7 +141,7 @@ def _write_manifest(cfg, teacher: Teacher, settings: dict, out_dir: Path, counts
         "tokenizer_fingerprint": teacher.tokenizer_fingerprint, "layer": teacher.layer, "d": teacher.d,
         "dtype": cfg.extract.hidden_dtype, "vocab_size": len(counts), "settings": settings, "totals": totals,
         "kept_per_token": {str(k): v for k, v in sorted(kept.items())}, "shards": sorted(shards, key=lambda s: s["file"]),
-        "world_size": dist.detect().world_size,
+        "world_size": dist.detect().world_size, "teacher_partition": "zero3" if teacher.partitioned else "replicate",
     }
     write_manifest(out_dir, HIDDEN_FORMAT, HIDDEN_VERSION, body)
     tb = summary_writer(cfg.run_path, "extract")

@@ -112,8 +112,10 @@ def rank_in_group(sorted_groups: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- subsample
 
 
-def gather_subsample(local: LocalTile, cap: np.ndarray, allgather: Collective, xp) -> Subsample:
+def gather_subsample(local: LocalTile, cap: np.ndarray, allgather: Collective, xp, tokens=None) -> Subsample:
     """Every token's `cap[t]` lowest-priority vectors over all ranks, identical on every rank.
+
+    With `tokens` (sorted slots), only those tokens' vectors, rows in the order of `tokens`.
 
     Two rounds keep traffic bounded: first the (slot, priority) keys of each rank's
     own lowest `cap` rows, from which every rank derives the same per-token priority
@@ -121,6 +123,10 @@ def gather_subsample(local: LocalTile, cap: np.ndarray, allgather: Collective, x
     rows are spread over ranks, so 1 and N ranks derive the same k and start.
     """
     n_tokens, d = local.n_tokens, int(local.vectors.shape[1])
+    if tokens is not None:
+        chosen_cap = np.zeros(n_tokens, dtype=np.int64)
+        chosen_cap[tokens] = np.asarray(cap)[tokens]
+        cap = chosen_cap
     candidate = rank_in_group(local.slots) < cap[local.slots]
     keys = allgather(np.stack([local.slots[candidate].astype(np.uint64), local.priority[candidate]], axis=1))
     keys = keys[np.lexsort((keys[:, 1], keys[:, 0]))]
@@ -134,6 +140,10 @@ def gather_subsample(local: LocalTile, cap: np.ndarray, allgather: Collective, x
     ids = allgather(np.stack([local.slots[chosen].astype(np.uint64), local.priority[chosen]], axis=1))
     order = np.lexsort((ids[:, 1], ids[:, 0]))
     slots = ids[order, 0].astype(np.int64)
+    if tokens is not None:  # compact: row i of the result is token tokens[i]
+        where = np.full(n_tokens, -1, dtype=np.int64)
+        where[tokens] = np.arange(len(tokens))
+        slots, n_tokens = where[slots], len(tokens)
     counts = np.bincount(slots, minlength=n_tokens).astype(np.int64)
     width = max(1, int(counts.max(initial=0)))
     padded = np.zeros((n_tokens, width, d), dtype=np.float32)
@@ -190,25 +200,34 @@ def kmeans_plusplus(sub: Subsample, k: np.ndarray, rng: np.random.Generator, xp)
     return centres, valid
 
 
-def keep_distinct_vectors(sub: Subsample, small: np.ndarray, centres, valid, xp):
-    """Tokens with no more vectors than their k: their distinct vectors become their senses.
+def distinct_vectors(sub: Subsample, k_max: int, xp):
+    """([S, k_max, d], [S, k_max] mask) the distinct vectors of each token of `sub`.
 
-    The subsample holds all of such a token's vectors (it is at least k per token).
+    For tokens with no more vectors than their k: `sub` holds all of them, and they are
+    the senses (k-means on them would only rediscover them).
     """
-    mask = to_host(sub.mask) & small[:, None]
-    token, position = np.nonzero(mask)
-    if len(token) == 0:
-        return centres, valid
-    rows = np.concatenate([token[:, None].astype(np.float64), to_host(sub.points)[token, position].astype(np.float64)], 1)
-    distinct = np.unique(rows, axis=0)
-    slots = distinct[:, 0].astype(np.int64)
-    small_dev = to_device(small, xp)
-    centres[small_dev] = 0
-    valid[small_dev] = False
-    at = (to_device(slots, xp), to_device(rank_in_group(slots), xp))
-    centres[at] = to_device(distinct[:, 1:].astype(np.float32), xp)
-    valid[at] = True
-    return centres, valid
+    n_tokens, _, d = sub.points.shape
+    centres = np.zeros((n_tokens, k_max, d), dtype=np.float32)
+    valid = np.zeros((n_tokens, k_max), dtype=bool)
+    token, position = np.nonzero(to_host(sub.mask))
+    if len(token):
+        rows = np.concatenate([token[:, None].astype(np.float64), to_host(sub.points)[token, position].astype(np.float64)], 1)
+        distinct = np.unique(rows, axis=0)
+        slots = distinct[:, 0].astype(np.int64)
+        at = (slots, rank_in_group(slots))
+        centres[at] = distinct[:, 1:].astype(np.float32)
+        valid[at] = True
+    return to_device(centres, xp), to_device(valid, xp)
+
+
+def size_classes(sizes: np.ndarray) -> list[np.ndarray]:
+    """Indices of `sizes` grouped by power-of-two class, smallest class first.
+
+    Padding a group to its largest member then wastes under half of it, where one
+    padded block for a whole tile would pad every token to the tile's largest.
+    """
+    classes = np.floor(np.log2(np.maximum(sizes, 1))).astype(np.int64)
+    return [np.flatnonzero(classes == c) for c in np.unique(classes)]
 
 
 # ----------------------------------------------------------------------------- Lloyd iterations
@@ -219,22 +238,29 @@ class Chunk:
     """Tokens of similar local row count, padded to one [t, n] block of row indices."""
 
     slots: object
-    """xp int64 [t]."""
+    """xp int64 [t]: token slots in the tile."""
+    index: object
+    """xp int64 [t]: the tokens' rows in the centre arrays (the slots, or positions in plan_chunks' `tokens`)."""
     rows: object
     """xp int64 [t, n]: row of LocalTile.vectors (0 where padding)."""
     valid: object
     """xp bool [t, n]."""
 
 
-def plan_chunks(offsets: np.ndarray, d: int, xp, budget: int | None = None) -> list[Chunk]:
+def plan_chunks(offsets: np.ndarray, d: int, xp, budget: int | None = None, tokens=None) -> list[Chunk]:
     """Group tokens by row count (power-of-two classes) into chunks of at most `budget` floats.
 
     Within a class counts differ by under 2x, so padding costs less than half of each
-    chunk; the loop runs over classes and chunks, never over single tokens.
+    chunk; the loop runs over classes and chunks, never over single tokens. With `tokens`
+    (slots), only those, and centre arrays are indexed by position in `tokens`.
     """
     budget = budget or CHUNK_ELEMENTS
     counts = np.diff(offsets)
-    present = np.flatnonzero(counts > 0)
+    index_of = np.arange(len(counts))
+    if tokens is not None:
+        index_of = np.full(len(counts), -1, dtype=np.int64)
+        index_of[tokens] = np.arange(len(tokens))
+    present = np.flatnonzero((counts > 0) & (index_of >= 0))
     size_class = np.floor(np.log2(counts[present])).astype(np.int64)
     chunks = []
     for cls in np.unique(size_class):
@@ -246,16 +272,17 @@ def plan_chunks(offsets: np.ndarray, d: int, xp, budget: int | None = None) -> l
             slots = members[start : start + per_chunk]
             valid = column < counts[slots][:, None]
             rows = np.where(valid, offsets[slots][:, None] + column, 0)
-            chunks.append(Chunk(to_device(slots, xp), to_device(rows, xp), to_device(valid, xp)))
+            chunks.append(Chunk(to_device(slots, xp), to_device(index_of[slots], xp), to_device(rows, xp),
+                                to_device(valid, xp)))
     return chunks
 
 
 def _chunk_distances(local: LocalTile, chunk: Chunk, centres, centre_sq, valid, xp):
     """Rows of a chunk, their nearest valid sense of their own token, and its squared distance."""
     x = local.vectors[chunk.rows]
-    cross = x @ centres[chunk.slots].transpose(0, 2, 1)
-    dist = local.sq_norms[chunk.rows][:, :, None] - 2 * cross + centre_sq[chunk.slots][:, None, :]
-    dist = xp.where(valid[chunk.slots][:, None, :], xp.maximum(dist, 0), xp.inf)
+    cross = x @ centres[chunk.index].transpose(0, 2, 1)
+    dist = local.sq_norms[chunk.rows][:, :, None] - 2 * cross + centre_sq[chunk.index][:, None, :]
+    dist = xp.where(valid[chunk.index][:, None, :], xp.maximum(dist, 0), xp.inf)
     labels = xp.argmin(dist, axis=2)
     nearest = xp.take_along_axis(dist, labels[:, :, None], axis=2)[:, :, 0]
     return x, labels, xp.where(chunk.valid & xp.isfinite(nearest), nearest, 0)
@@ -263,6 +290,8 @@ def _chunk_distances(local: LocalTile, chunk: Chunk, centres, centre_sq, valid, 
 
 def lloyd_stats(local: LocalTile, chunks: list[Chunk], centres, valid, xp) -> np.ndarray:
     """This rank's per-sense sums, counts and inertia, packed into one float64 host buffer.
+
+    centres/valid are indexed by Chunk.index (the tokens the chunks were planned for).
 
     Packing makes an iteration cost one allreduce; sums of two halves of the rows
     equal the sums of all rows, which is what lets ranks split the data.
@@ -276,8 +305,8 @@ def lloyd_stats(local: LocalTile, chunks: list[Chunk], centres, valid, xp) -> np
     for chunk in chunks:
         x, labels, nearest = _chunk_distances(local, chunk, centres, centre_sq, valid, xp)
         members = ((labels[:, :, None] == senses) & chunk.valid[:, :, None]).astype(xp.float32)
-        sums[chunk.slots] = members.transpose(0, 2, 1) @ x
-        counts[chunk.slots] = members.sum(axis=1)
+        sums[chunk.index] = members.transpose(0, 2, 1) @ x
+        counts[chunk.index] = members.sum(axis=1)
         inertia += nearest.sum(dtype=xp.float64)
     return to_host(xp.concatenate([sums.ravel(), counts.ravel(), inertia]))
 
@@ -336,14 +365,21 @@ def run_lloyd(local, chunks, sub, centres, valid, allreduce: Collective, xp, cfg
     """Lloyd iterations with one allreduce each; stop on relative inertia change < tol or max_iter.
 
     The allreduced inertia is identical on every rank, so the stopping decision is too.
+    `sub` is the Subsample of the centres' tokens, or a list of (Subsample, first, end)
+    covering consecutive rows of `centres` (one per size group), used to re-seed.
     """
+    groups = [(sub, 0, centres.shape[0])] if isinstance(sub, Subsample) else sub
     n_tokens, k_max, d = centres.shape
     history, previous = [], None
     for iteration in range(cfg.max_iter):
         packed = to_device(allreduce(lloyd_stats(local, chunks, centres, valid, xp)), xp)
         sums, counts, inertia = unpack_stats(packed, n_tokens, k_max, d)
         updated, empty = update_centres(sums, counts, centres, valid, cfg.spherical, xp)
-        updated, valid, reseeded = reseed_empty(sub, updated, valid, empty, xp)
+        reseeded = 0
+        for group, first, end in groups:
+            moved, valid[first:end], count = reseed_empty(group, updated[first:end], valid[first:end], empty[first:end], xp)
+            updated[first:end] = moved
+            reseeded += count
         shift = float(((updated - centres) ** 2).sum(dtype=xp.float64))
         centres = updated
         history.append({"iteration": iteration, "inertia": inertia, "shift": shift, "reseeded": reseeded})
@@ -388,21 +424,47 @@ def cluster_tile(local: LocalTile, cfg, allreduce: Collective = identity, allgat
     """
     n_tokens, d = local.n_tokens, int(local.vectors.shape[1])
     per_token = allreduce(np.bincount(local.slots, minlength=n_tokens).astype(np.int64))
+    cap = np.minimum(per_token, cfg.subsample)
+    clusters = None
     if k is None and cfg.k_policy == "fixed":
         k = cfg.k
-    floor = 5 if k is None else int(np.max(k))
-    sub = gather_subsample(local, np.minimum(per_token, max(cfg.subsample, floor)), allgather, xp)
-    clusters = None
     if k is None:
+        sub = gather_subsample(local, np.minimum(per_token, max(cfg.subsample, 5)), allgather, xp)
         clusters = mcl_cluster_counts(sub, cfg.mcl_expansion, cfg.mcl_inflation, cfg.mcl_iters, xp)
         k = senses_from_mcl(clusters)
+        del sub
     k = np.where(per_token > 0, np.broadcast_to(np.asarray(k, dtype=np.int64), (n_tokens,)), 0)
+    k_max = max(1, int(k.max(initial=1)))
     small = (per_token > 0) & (per_token <= k)
-    centres, valid = kmeans_plusplus(sub, k, np.random.default_rng([cfg.seed, seed]), xp)
-    centres, valid = keep_distinct_vectors(sub, small, centres, valid, xp)
-    chunks = plan_chunks(local.offsets, d, xp)
-    centres, valid, history = run_lloyd(local, chunks, sub, centres, valid, allreduce, xp, cfg, on_iteration)
-    labels, distances, counts, inertia = final_assignment(local, chunks, centres, valid, allreduce, xp)
+    centres = xp.zeros((n_tokens, k_max, d), dtype=xp.float32)
+    valid = xp.zeros((n_tokens, k_max), dtype=bool)
+    # Tokens with no more vectors than their k keep them; only the others are clustered.
+    small_slots = np.flatnonzero(small)
+    if len(small_slots):
+        at = to_device(small_slots, xp)
+        centres[at], valid[at] = distinct_vectors(gather_subsample(local, per_token, allgather, xp, small_slots), k_max, xp)
+    big = np.flatnonzero(per_token > k)
+    groups, group_centres, group_valid, order, first = [], [], [], [], 0
+    rng = np.random.default_rng([cfg.seed, seed])
+    for members in size_classes(np.maximum(np.minimum(per_token[big], cfg.subsample), k[big])):
+        slots = big[members]
+        sub = gather_subsample(local, np.maximum(cap, k), allgather, xp, slots)
+        c, v = kmeans_plusplus(sub, k[slots], rng, xp)
+        group_centres.append(xp.pad(c, ((0, 0), (0, k_max - c.shape[1]), (0, 0))))
+        group_valid.append(xp.pad(v, ((0, 0), (0, k_max - v.shape[1]))))
+        groups.append((sub, first, first + len(slots)))
+        order.append(slots)
+        first += len(slots)
+    history = []
+    if groups:
+        order = np.concatenate(order)
+        chunks = plan_chunks(local.offsets, d, xp, tokens=order)
+        found, found_valid, history = run_lloyd(local, chunks, groups, xp.concatenate(group_centres),
+                                                xp.concatenate(group_valid), allreduce, xp, cfg, on_iteration)
+        at = to_device(order, xp)
+        centres[at], valid[at] = found, found_valid
+    labels, distances, counts, inertia = final_assignment(local, plan_chunks(local.offsets, d, xp), centres, valid,
+                                                          allreduce, xp)
     centres, valid, counts, labels = order_senses(centres, valid, counts, labels, local.slots, xp)
     return TileResult(centres, valid, counts, per_token, small, inertia, history, labels, distances, clusters)
 

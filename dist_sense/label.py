@@ -98,7 +98,8 @@ def run(cfg: RunConfig) -> Path:
     dictionary_fp = file_fingerprint([dict_dir / "index.json"])
     corpus_path = cfg.label.corpus_path or cfg.corpus.path
     dataset = corpus.load_documents(corpus_path, cfg.corpus.text_field, cfg.corpus.max_documents)
-    teacher = Teacher(cfg.model, cfg.extract.ds_config, cfg.label.batch_size, cfg.extract.offload, cfg.extract.nvme_path)
+    teacher = Teacher(cfg.model, cfg.extract.ds_config, cfg.label.batch_size, cfg.extract.offload, cfg.extract.nvme_path,
+                      cfg.extract.partition)
     check_teacher_matches(dictionary, teacher)
     settings = label_settings(cfg, teacher, corpus_path, dictionary_fp)
     if env.is_main:

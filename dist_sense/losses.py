@@ -1,7 +1,9 @@
 """Distillation losses: sense cross-entropy (vectorised), the MSE baseline, and the slow reference.
 
 For every labelled position (target >= 0, token in the dictionary) the student's state h
-scores its token's senses C_t (padded to K_max, masked): logits = C_t . h. The loss is the
+scores its token's senses C_t (padded to K_max, masked) with the similarity the teacher's
+labels were made with: dot C_t . h, cos, or l2 -||h - c||^2 (as the labelling stage scores,
+so soft targets and student logits live on one scale). The loss is the
 cross-entropy against the teacher's sense (or the KL divergence to the teacher's top-k soft
 targets), averaged over the labelled positions of the batch. All positions are handled by one
 gather and one batched matmul; `reference_loop_loss` is the per-token Python loop of the
@@ -25,6 +27,33 @@ def labelled_positions(input_ids, targets, token_to_row):
     keep = (targets.reshape(-1) >= 0) & (rows >= 0)
     index = keep.nonzero(as_tuple=True)[0]
     return index, rows[index]
+
+
+SIMILARITIES = ("dot", "cos", "l2")
+
+
+def sense_table(centres, similarity: str):
+    """Senses [T, K, d] transformed once so each similarity is a dot product with `sense_queries`.
+
+    l2: <[2c, -||c||^2], [h, 1]> = -||h - c||^2 + ||h||^2, and ||h||^2 is the same for all of
+    a position's senses, so softmax and argmax equal those of -||h - c||^2.
+    """
+    if similarity == "dot":
+        return centres
+    if similarity == "cos":
+        return centres / centres.float().norm(dim=-1, keepdim=True).clamp_min(1e-12).to(centres.dtype)
+    if similarity == "l2":
+        return torch.cat([2 * centres, -(centres.float() ** 2).sum(-1, keepdim=True).to(centres.dtype)], dim=-1)
+    raise ValueError(f"similarity={similarity!r}: use one of {SIMILARITIES}")
+
+
+def sense_queries(states, similarity: str):
+    """States [N, d] in the form `sense_table` expects for `similarity`."""
+    if similarity == "cos":
+        return states / states.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    if similarity == "l2":
+        return torch.cat([states, torch.ones_like(states[:, :1])], dim=-1)
+    return states
 
 
 def sense_logits(states, rows, centres, sense_mask, temperature: float = 1.0):
@@ -63,7 +92,8 @@ def soft_kl_sum(log_q, soft_ids, soft_probs):
 
 
 def sense_kd_loss(student_states, input_ids, targets, centres, sense_mask, token_to_row,
-                  soft_ids=None, soft_probs=None, chunk_positions: int = 0, temperature: float = 1.0):
+                  soft_ids=None, soft_probs=None, chunk_positions: int = 0, temperature: float = 1.0,
+                  similarity: str = "dot"):
     """(mean loss over labelled positions, stats {correct_top1, correct_top5, n}) for one batch.
 
     student_states [B, L, d]; input_ids, targets [B, L] (target -1: ignore); centres [T, K, d],
@@ -73,10 +103,11 @@ def sense_kd_loss(student_states, input_ids, targets, centres, sense_mask, token
     time and recomputes each chunk's gather in backward, so memory is bounded by one chunk.
     Stats are 0-dim tensors (no host sync); a batch without labels gives a zero loss that
     still reaches every parameter, so DeepSpeed's backward runs the same on every rank.
+    For similarity cos or l2, `centres` must come from `sense_table(centres, similarity)`.
     """
     d = student_states.shape[-1]
     index, rows = labelled_positions(input_ids, targets, token_to_row)
-    states = student_states.reshape(-1, d)[index]
+    states = sense_queries(student_states.reshape(-1, d)[index], similarity)
     target = targets.reshape(-1)[index].long()
     soft_i = soft_p = None
     if soft_ids is not None:

@@ -93,12 +93,29 @@ def _downstream(metrics: dict, details: dict) -> list[str]:
     lines = ["## Downstream probes", ""]
     if not tasks:
         return lines + ["No probe tasks or WiC pairs were configured (`eval.probe_tasks`, `eval.wic_path`).", ""]
-    lines += ["Sentence tasks: accuracy of a logistic regression on mean-pooled embeddings (80/20 split). "
+    lines += ["Sentence tasks: accuracy of a logistic regression on mean-pooled embeddings (5-fold cross-validation). "
               "wic: ROC AUC of the cosine between the word's embeddings in two sentences.", ""]
     lines += _table(["task"] + systems, [[task] + [_fmt(grid.get((task, s))) for s in systems] for task in tasks])
     lines += [f"- **{s}**: {SYSTEM_NOTES.get(s, '')}" for s in systems]
     lines += [f"- {system} is n/a: {reason}" for system, reason in details.get("skipped", {}).items()]
     return lines + [""]
+
+
+def _snapping(metrics: dict) -> list[str]:
+    """The teacher's senses under each snapping similarity (snapping.<task>.<similarity>)."""
+    grid, tasks, sims = {}, [], []
+    for key, value in metrics.items():
+        if key.startswith("snapping."):
+            task, sim = key[len("snapping."):].rsplit(".", 1)
+            grid[task, sim] = value
+            tasks += [task] if task not in tasks else []
+            sims += [sim] if sim not in sims else []
+    if not tasks:
+        return []
+    lines = ["## Snapping similarity", "", "`teacher_senses` with the teacher's states snapped by each similarity "
+             "(`eval.similarity` and `label.similarity` choose one; the downstream table uses "
+             f"`{metrics.get('eval.similarity', 'the configured one')}`).", ""]
+    return lines + _table(["task"] + sims, [[task] + [_fmt(grid.get((task, s))) for s in sims] for task in tasks])
 
 
 def _size_speed(metrics: dict) -> list[str]:
@@ -113,6 +130,21 @@ def _size_speed(metrics: dict) -> list[str]:
               "held-out batches, the first (warm-up) batch excluded.", ""]
     lines += _table(["teacher tokens/s", "student tokens/s", "speedup (student / teacher)"],
                     [[_fmt(slow), _fmt(fast), f"{fast / slow:.2f}x" if fast and slow else "n/a"]])
+    return lines
+
+
+def _pictures(details: dict) -> list[str]:
+    figures = details.get("figures") or {}
+    lines = ["## Senses in pictures", ""]
+    if figures.get("senses_png"):
+        lines += [f"Occurrences of {', '.join(figures.get('plotted_words', []))} in a 2-D projection (PCA), "
+                  "coloured by the sense the teacher's state snaps to; crosses are the sense centres.", "",
+                  f"![senses]({figures['senses_png']})", ""]
+    else:
+        lines += ["(No picture: matplotlib is not installed, or no ambiguous word occurs often enough.)", ""]
+    if figures.get("projector"):
+        lines += [f"Every sense centre, labelled with its token, count and an example context, is in TensorBoard's "
+                  f"projector: `tensorboard --logdir {figures['projector']}` (Projector tab).", ""]
     return lines
 
 
@@ -166,5 +198,5 @@ def write_report(run_dir) -> Path:
     details = _read(eval_dir / "details.json", required=False)
     lines = [f"# Evaluation of {details.get('run_dir', Path(run_dir))}", ""]
     lines += _summary(metrics, details) + _downstream(metrics, details) + _plot(metrics, eval_dir / "downstream.png")
-    lines += _size_speed(metrics) + _words(details)
+    lines += _snapping(metrics) + _size_speed(metrics) + _pictures(details) + _words(details)
     return atomic_write_bytes(eval_dir / "report.md", "\n".join(lines).rstrip().encode() + b"\n")

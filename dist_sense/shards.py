@@ -99,7 +99,7 @@ class RankShardWriter:
         self._tmp = final.with_name("." + final.name + ".partial")
         import webdataset as wds
 
-        self._tar = wds.TarWriter(str(self._tmp), encoder=False, mtime=0.0)
+        self._tar = wds.TarWriter(str(self._tmp), encoder=False, mtime=0)  # an int: a float mtime costs a pax header per member
         self._count, self._keys = 0, []
 
     def close_shard(self) -> None:

@@ -4,6 +4,7 @@ Used by the extraction and labelling passes (and evaluation). ZeRO-3 partitions 
 parameters across ranks and gathers each layer collectively during the forward, so
 every rank must call `forward` the same number of times: `run_lockstep` makes ranks
 agree on the number of batches and feeds dummy batches to the ranks that run short.
+extract.partition=replicate (and auto on a single rank) loads a whole copy per rank instead.
 """
 from __future__ import annotations
 
@@ -81,13 +82,20 @@ def zero3_config(path: str, dtype: str, micro_batch: int, offload: str = "none",
     return config
 
 
-class Teacher:
-    """A frozen HF model partitioned with ZeRO-3; `hidden(ids, mask)` returns the configured layer."""
+def use_zero3(partition: str, world_size: int, offload: str) -> bool:
+    """Whether the teacher is partitioned with ZeRO-3 (see extract.partition)."""
+    if partition == "auto":
+        # One rank holds every parameter anyway: without offload, ZeRO-3 would only add gather hooks.
+        return world_size > 1 or offload != "none"
+    return partition == "zero3"
 
-    def __init__(self, cfg: ModelConfig, ds_config: str, micro_batch: int, offload: str = "none", nvme_path: str = ""):
-        import deepspeed
+
+class Teacher:
+    """A frozen HF model, partitioned with ZeRO-3 or replicated; `hidden(ids, mask)` returns the configured layer."""
+
+    def __init__(self, cfg: ModelConfig, ds_config: str, micro_batch: int, offload: str = "none", nvme_path: str = "",
+                 partition: str = "auto"):
         from transformers import AutoConfig, AutoModel
-        from transformers.integrations import HfDeepSpeedConfig
 
         self.path = resolve_model_path(cfg.teacher)
         self.tokenizer = load_tokenizer(cfg)
@@ -100,24 +108,34 @@ class Teacher:
         self.d = int(hf_config.hidden_size)
         self.dtype = cfg.dtype
         ds = zero3_config(ds_config, cfg.dtype, micro_batch, offload, nvme_path)
-        dist.init_torch()
-        # Must exist before from_pretrained (so weights load partitioned) and stay alive after.
-        self._hf_ds_config = HfDeepSpeedConfig(ds)
+        env = dist.init_torch()
+        self.partitioned = use_zero3(partition, env.world_size, offload)
+        if self.partitioned:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            # Must exist before from_pretrained (so weights load partitioned) and stay alive after.
+            self._hf_ds_config = HfDeepSpeedConfig(ds)
         try:
             model = AutoModel.from_pretrained(self.path, dtype=TORCH_DTYPES[cfg.dtype])
         except Exception as err:
             raise TeacherError(f"model.teacher={cfg.teacher}: weights do not load: {err}") from None
         model.eval().requires_grad_(False)
-        self.engine = deepspeed.initialize(model=model, config=ds)[0]
-        self.engine.module.eval()
-        self.device = self.engine.device
+        if self.partitioned:
+            import deepspeed
+
+            self._engine = deepspeed.initialize(model=model, config=ds)[0]  # kept: it owns the gather hooks
+            self.module, self.device = self._engine.module, self._engine.device
+        else:
+            self.device = dist.device()
+            self.module = model.to(self.device)
+        self.module.eval()
         self.fingerprint = model_fingerprint(self.path)
         self.tokenizer_fingerprint = tokenizer_fingerprint(self.tokenizer)
 
     @torch.no_grad()
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B, L, d] float32 states of the configured layer (the final-norm output for the last)."""
-        return layer_states(self.engine.module, input_ids.to(self.device), attention_mask.to(self.device),
+        return layer_states(self.module, input_ids.to(self.device), attention_mask.to(self.device),
                             self.layer, self.n_layers)
 
     def dummy_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:

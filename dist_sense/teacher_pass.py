@@ -3,8 +3,9 @@
 Shared by extraction and labelling: they differ only in what they write per window
 (a `sink`). This module owns the parts that must be right once:
   - lockstep forwards (teacher.run_lockstep), so uneven ranks never hang;
-  - shards closed only between batches, so a resume re-forms exactly the same batches
-    (same padding, same numerics) and the output is bitwise that of an uninterrupted run;
+  - batches of similar-length windows (corpus.length_sorted_batches), and shards closed
+    only at the end of a sorted pool, so a resume re-forms exactly the same batches (same
+    padding, same numerics) and the output is bitwise that of an uninterrupted run;
   - a per-rank progress file, updated after each closed shard, holding the windows
     consumed and the counters so far: the resume point.
 """
@@ -92,20 +93,20 @@ def run_pass(
                              close_when_full=False)
     docs = corpus.documents_for_rank(dataset, env.rank, env.world_size)
     windows = corpus.iter_windows(docs, teacher.tokenizer, corpus_cfg.max_length, corpus_cfg.stride)
-    batches = corpus.batched(_skip(windows, progress.state["windows_done"]), batch_size)
+    batches = corpus.length_sorted_batches(_skip(windows, progress.state["windows_done"]), batch_size)
     pad = teacher.tokenizer.pad_token_id
     tb = summary_writer(tb_dir.parent, tb_dir.name)
     bar = tqdm(total=expected_tokens // env.world_size or None, unit="tok", disable=not env.is_main, desc=prefix)
     pending: dict[str, Counter] = {}
     n_windows, start, step = 0, time.time(), 0
-    for batch, hidden in run_lockstep(teacher, batches, lambda b: corpus.batch_windows(b, pad), batch_size):
-        for window, states in zip(batch, hidden.cpu().numpy()):
+    for batch, hidden in run_lockstep(teacher, batches, lambda b: corpus.batch_windows(b.windows, pad), batch_size):
+        for window, states in zip(batch.windows, hidden.cpu().numpy()):
             sink.write(writer, window, states[: len(window.input_ids)], pending)
             pending.setdefault("totals", Counter()).update(windows=1, tokens=sum(window.owned))
             crash_point(f"{prefix}.window")
-        n_windows += len(batch)
-        bar.update(sum(sum(w.owned) for w in batch))
-        if writer.full:
+        n_windows += len(batch.windows)
+        bar.update(sum(sum(w.owned) for w in batch.windows))
+        if writer.full and batch.closes_pool:  # a resume must restart at a pool, to form the same batches
             writer.close_shard()
             progress.commit(writer.written[-1], n_windows, pending)
             pending, n_windows = {}, 0

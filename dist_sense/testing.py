@@ -111,6 +111,8 @@ def write_toy_corpus(path: str | Path, n_docs: int = 64, seed: int = 0, fmt: str
 # ----------------------------------------------------------------------------- launchers as subprocesses
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+PARTITION_ALL_DS_CONFIG = str(REPO_ROOT / "tests" / "ds_z3_partition_all.json")
+"""ZeRO-3 with every parameter partitioned (persistence threshold 0), for tests on tiny models."""
 
 
 def launch_env(extra: dict | None = None) -> dict:

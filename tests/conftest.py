@@ -1,7 +1,6 @@
 """Test harness: offline hub, CPU DeepSpeed, tiny models built from config, gpu/slow markers."""
 import os
 import time
-from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"

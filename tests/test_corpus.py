@@ -6,7 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from dist_sense import testing
+from dist_sense import corpus, testing
 from dist_sense.corpus import (
     CorpusError, Window, batch_windows, count_tokens, documents_for_rank, iter_windows, load_documents,
     rank_documents,
@@ -257,3 +257,24 @@ def test_batch_windows_right_pads(tokenizers):
     assert input_ids.shape == attention_mask.shape == (2, 5)
     assert input_ids[1].tolist() == windows[1].input_ids + [tokenizer.pad_token_id] * 2
     assert attention_mask.tolist() == [[1] * 5, [1, 1, 1, 0, 0]]
+
+
+def test_length_sorted_batches_keep_every_window_once_and_cut_pools_from_the_stream():
+    def window(doc: int) -> corpus.Window:
+        n = 1 + (doc * 7) % 11
+        return corpus.Window(doc=doc, index=0, start=0, input_ids=list(range(n)), special=[False] * n, owned=[True] * n,
+                             doc_pos=list(range(n)), spans=[(0, 0)] * n, text="")
+
+    windows = [window(i) for i in range(50)]
+    batches = list(corpus.length_sorted_batches(windows, batch_size=4, pool_batches=3))
+    assert sorted(w.doc for b in batches for w in b.windows) == list(range(50))
+    assert [len(b.windows) for b in batches] == [4, 4, 4] * 4 + [2]
+    assert [b.closes_pool for b in batches] == [False, False, True] * 4 + [True]
+    for pool in range(5):  # each pool is the next 12 windows of the stream, longest first
+        members = [w for b in batches[3 * pool : 3 * pool + 3] for w in b.windows]
+        assert sorted(w.doc for w in members) == list(range(12 * pool, min(12 * pool + 12, 50)))
+        lengths = [len(w.input_ids) for w in members]
+        assert lengths == sorted(lengths, reverse=True)
+    # A stream resumed after two pools forms the same later batches.
+    resumed = list(corpus.length_sorted_batches(windows[24:], batch_size=4, pool_batches=3))
+    assert [[w.doc for w in b.windows] for b in resumed] == [[w.doc for w in b.windows] for b in batches[6:]]

@@ -1,6 +1,5 @@
 """Stage 1 on the tiny models: ZeRO-3 teacher, capped sampling, shards, lockstep and resume."""
 import json
-import subprocess
 
 import numpy as np
 import pytest
@@ -15,7 +14,9 @@ SCRIPT = "launcher/extract.py"
 
 def extract_args(run_dir, model, corpus_path, **extra):
     args = {"run_dir": run_dir, "model.teacher": model, "corpus.path": corpus_path, "corpus.max_length": 12,
-            "extract.cap": 8, "extract.shard_samples": 8, "extract.batch_size": 4, **extra}
+            "extract.cap": 8, "extract.shard_samples": 8, "extract.batch_size": 4,
+            # Every parameter partitioned: the tiny model's would all stay resident under the default threshold.
+            "extract.ds_config": testing.PARTITION_ALL_DS_CONFIG, **extra}
     return [f"{k}={v}" for k, v in args.items()]
 
 
@@ -132,3 +133,16 @@ def test_bad_input_fails_clearly_and_writes_no_manifest(override, needle, tiny_b
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert needle in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
     assert not (tmp_path / "hidden" / "manifest.json").exists()
+
+
+def test_partition_auto_uses_zero3_only_where_it_helps():
+    from dist_sense.config import ConfigError, RunConfig
+    from dist_sense.teacher import use_zero3
+
+    assert not use_zero3("auto", 1, "none")  # one rank holds everything anyway
+    assert use_zero3("auto", 2, "none") and use_zero3("auto", 1, "cpu") and use_zero3("zero3", 1, "none")
+    assert not use_zero3("replicate", 4, "none")
+    with pytest.raises(ConfigError, match="extract.offload=cpu needs ZeRO-3"):
+        RunConfig.load(None, ["extract.partition=replicate", "extract.offload=cpu"])
+    with pytest.raises(ConfigError, match="extract.partition"):
+        RunConfig.load(None, ["extract.partition=sharded"])

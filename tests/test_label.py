@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from dist_sense import corpus, testing
+from dist_sense import testing
 from dist_sense.dictionary import SenseDictionary
 from dist_sense.label import soft_targets
 from dist_sense.label_data import LABELS_FORMAT, LABELS_VERSION
@@ -43,6 +43,7 @@ def test_one_rank_labels_are_the_teachers_nearest_senses(dict_run, tiny_llama):
     manifest, samples = read_labels(run_dir / "labels")
     assert manifest["totals"]["windows"] == len(samples) > 0
     assert manifest["totals"]["labelled"] > 0.9 * manifest["totals"]["tokens"]
+    assert manifest["similarity"] == "l2"  # the default
 
     dictionary = SenseDictionary.load(run_dir / "dictionary")
     model = AutoModel.from_pretrained(tiny_llama).eval()
@@ -51,7 +52,7 @@ def test_one_rank_labels_are_the_teachers_nearest_senses(dict_run, tiny_llama):
         ids = torch.from_numpy(sample["input_ids"].astype(np.int64))[None]
         with torch.no_grad():
             states = model(input_ids=ids).last_hidden_state[0].numpy()
-        expected = dictionary.nearest(ids[0].numpy(), states)
+        expected = dictionary.nearest(ids[0].numpy(), states, manifest["similarity"])
         expected[0] = -1  # <s> is special: never labelled
         np.testing.assert_array_equal(sample["senses"], expected)
         # The soft targets' best sense is the hard label; probabilities are a part of a distribution.

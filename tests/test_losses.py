@@ -152,3 +152,23 @@ def test_two_tokens_with_known_senses_equal_the_hand_computed_loss():
     expected = math.log(1 + math.exp(-1)) / 2
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     assert int(stats["n"]) == 2 and int(stats["correct_top1"]) == 2
+
+
+@pytest.mark.parametrize("similarity", ["l2", "cos"])
+def test_other_similarities_score_like_the_labelling_stage(senses, similarity):
+    """l2: logits -||h - c||^2; cos: the cosine; both as the label stage scores the teacher."""
+    from dist_sense.losses import sense_table
+
+    centres, mask, token_to_row = senses
+    states, ids, targets = make_batch(senses)
+    loss, stats = sense_kd_loss(states, ids, targets, sense_table(centres, similarity), mask, token_to_row,
+                                similarity=similarity)
+    total, n = 0.0, 0
+    for b, pos in zip(*torch.nonzero(targets >= 0, as_tuple=True)):
+        row = int(token_to_row[ids[b, pos]])
+        c, h = centres[row][mask[row]], states[b, pos]
+        logits = -((c - h) ** 2).sum(-1) if similarity == "l2" else F.cosine_similarity(c, h[None], dim=-1)
+        total = total - F.log_softmax(logits, -1)[targets[b, pos]]
+        n += 1
+    torch.testing.assert_close(loss, total / n)
+    assert int(stats["n"]) == n

@@ -18,7 +18,8 @@ from dist_sense.teacher import Teacher, run_lockstep
 def main(model_dir: str, out_dir: str) -> None:
     env = dist.init_torch()
     summed = dist.all_reduce_sum(torch.tensor([float(env.rank + 1)]))
-    teacher = Teacher(ModelConfig(teacher=model_dir), "ds_configs/z3_infer.json", micro_batch=2)
+    teacher = Teacher(ModelConfig(teacher=model_dir), "tests/ds_z3_partition_all.json", micro_batch=2)
+    assert teacher.partitioned
     ids = torch.tensor([[2, 10, 11, 12, 3], [2, 20, 21, 3, 0]])
     mask = (ids != 0).long()
     kept = [h.numpy() for _, h in run_lockstep(teacher, [(ids, mask)] * (env.rank + 1), lambda b: b, 2)]
