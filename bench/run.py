@@ -30,7 +30,25 @@ def render(results: dict) -> str:
             shown = f"{value:.3g}" if isinstance(value, float) else json.dumps(value) if isinstance(value, list) else value
             lines.append(f"| {key} | {shown} | {entry['targets'].get(key, '')} |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + gpu_section())
+
+
+def gpu_section() -> list[str]:
+    """The GPU checks' figures when bench/gpu_checks.py has run on a GPU, else a plain statement that it has not."""
+    from bench.gpu_checks import RESULTS_GPU
+
+    lines = ["## GPU checks", "", "Commands, for a node with a CUDA GPU: `bash bench/gpu_pipeline.sh` (the demo's stages "
+             "on CUDA with NCCL and bf16, then `python -m bench.gpu_checks`: cupy k-means against numpy, the assignment "
+             "pass's memory bandwidth against the GPU's peak, k-means against the scikit-learn loop at d=4096, "
+             "bf16 forward tokens/s).", ""]
+    if not RESULTS_GPU.is_file():
+        return lines + ["No GPU was available where these benchmarks ran, so none of the GPU checks has been run and "
+                        "no GPU figure is claimed. (`python -m bench.gpu_checks --dry-run` checks the script itself "
+                        "on CPU, with numpy in cupy's place.)", ""]
+    results = json.loads(RESULTS_GPU.read_text())
+    lines += [f"Device: {results.get('device')}, measured {results.get('date')}.", "", "```json",
+              json.dumps(results, indent=2), "```", ""]
+    return lines
 
 
 def main(names: list[str]) -> None:

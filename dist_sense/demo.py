@@ -92,7 +92,7 @@ def prepare(run_dir: Path, train_documents: int, steps: int, seed: int = 0) -> P
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", default="runs/demo")
-    parser.add_argument("--train-documents", type=int, default=10000, help="training sentences and glosses")
+    parser.add_argument("--train-documents", type=int, default=16000, help="training sentences and glosses")
     parser.add_argument("--steps", type=int, default=150, help="distillation steps")
     args = parser.parse_args()
     print(prepare(Path(args.run_dir), args.train_documents, args.steps))

@@ -265,7 +265,7 @@ def test_separate_student_trained_against_teacher_states(tiny_llama, tmp_path):
     small = testing.tiny_config("llama", vocab_size=len(testing.vocabulary()), hidden=16, layers=1)
     small.save_pretrained(tmp_path / "small")
     settings = {"distill.steps": 3, "distill.eval_every": 0, "distill.save_every": 0, "distill.init": "model",
-                "distill.student_model": tmp_path / "small", "distill.loss": "mse"}
+                "distill.student_model": tmp_path / "small", "distill.loss": "mse", "distill.freeze_embeddings": True}
     testing.run_command(["python", SCRIPT, *args_for(run_dir, tiny_llama, **settings)], timeout=300)
     lines = metrics(run_dir, "student_mse")  # the MSE baseline lives beside the KD student
     assert [m["step"] for m in lines if "loss/mse" in m] == [1, 2, 3]
@@ -273,6 +273,12 @@ def test_separate_student_trained_against_teacher_states(tiny_llama, tmp_path):
     assert "eval/loss" in lines[-1]
     student = load_student(run_dir / "student_mse" / "final")
     assert student.info["head"] == "linear" and student.info["student_d"] == 16 and student.teacher_d == 32
+    # distill.freeze_embeddings: the input embeddings are the initial ones, the rest trained.
+    torch.manual_seed(0)  # distill.seed: the same random initial student
+    initial = build_student(config_for(run_dir, tiny_llama, **settings), 32)
+    embeddings = student.backbone.get_input_embeddings().weight
+    torch.testing.assert_close(embeddings, initial.backbone.get_input_embeddings().weight)
+    assert not torch.equal(student.head.weight, initial.head.weight)
 
 
 def test_slurm_script_parses():

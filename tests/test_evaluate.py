@@ -15,7 +15,9 @@ SCORES = [f"downstream.{task}.{system}" for task in ("topic", "wic") for system 
 FRACTIONS = ["fidelity.coverage", "agreement.top1", "agreement.top5"]
 POSITIVE = ["size.teacher_params", "size.student_params", "size.dictionary_bytes",
             "speed.teacher_tokens_per_s", "speed.student_tokens_per_s"]
-KEYS = {"fidelity.mean_cos", *FRACTIONS, *SCORES, *POSITIVE, "eval.held_out_source", "eval.held_out_is_training_corpus"}
+SNAPPING = [f"snapping.{task}.{sim}" for task in ("topic", "wic") for sim in ("dot", "cos", "l2")]
+KEYS = {"fidelity.mean_cos", *FRACTIONS, *SCORES, *POSITIVE, *SNAPPING, "eval.held_out_source",
+        "eval.held_out_is_training_corpus", "eval.similarity"}
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +40,12 @@ def test_metrics_has_every_key_in_range(evaluated, distilled_run):  # noqa: F811
     _, metrics = evaluated
     assert set(metrics) == KEYS
     assert -1 <= metrics["fidelity.mean_cos"] <= 1 and metrics["fidelity.mean_cos"] > 0.5
-    for key in FRACTIONS + SCORES:
+    for key in FRACTIONS + SCORES + SNAPPING:
         assert 0 <= metrics[key] <= 1, key
+    # The configured similarity (l2 by default) is teacher_senses itself; the others are scored beside it.
+    assert metrics["eval.similarity"] == "l2"
+    for task in ("topic", "wic"):
+        assert metrics[f"snapping.{task}.l2"] == metrics[f"downstream.{task}.teacher_senses"]
     assert metrics["agreement.top1"] <= metrics["agreement.top5"]
     assert metrics["fidelity.coverage"] > 0.9  # the held-out text is the training corpus here
     for key in POSITIVE:
@@ -61,6 +67,14 @@ def test_report_and_tensorboard(evaluated):
     assert list((run_dir / "tb" / "eval").glob("events.out.tfevents.*"))
     details = json.loads((run_dir / "eval" / "details.json").read_text())
     assert details["wic"]["pairs"] == 60 and details["probes"]["topic"]["examples"] == 120
+    # The picture of a few ambiguous words' senses, and every sense centre for the projector.
+    assert "Snapping similarity" in report and "![senses](senses.png)" in report
+    assert (run_dir / "eval" / "senses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert details["figures"]["plotted_words"] and set(details["figures"]["plotted_words"]) <= set(details["wic"]["words"])
+    projector = run_dir / "tb" / "senses"
+    assert (projector / "projector_config.pbtxt").is_file()
+    metadata = (projector / "00000" / "senses" / "metadata.tsv").read_text().splitlines()
+    assert metadata[0].split("\t") == ["token", "token_id", "sense", "count", "example"] and len(metadata) > 1
 
 
 def test_without_mse_student_that_system_is_null(distilled_run, tmp_path):  # noqa: F811
