@@ -245,6 +245,10 @@ class Chunk:
     """xp int64 [t, n]: row of LocalTile.vectors (0 where padding)."""
     valid: object
     """xp bool [t, n]."""
+    x: object = None
+    """xp float32 [t, n, d]: the rows themselves, gathered at first use and kept (Lloyd reads them every iteration)."""
+    sq: object = None
+    """xp float32 [t, n]: their squared norms."""
 
 
 def plan_chunks(offsets: np.ndarray, d: int, xp, budget: int | None = None, tokens=None) -> list[Chunk]:
@@ -279,9 +283,11 @@ def plan_chunks(offsets: np.ndarray, d: int, xp, budget: int | None = None, toke
 
 def _chunk_distances(local: LocalTile, chunk: Chunk, centres, centre_sq, valid, xp):
     """Rows of a chunk, their nearest valid sense of their own token, and its squared distance."""
-    x = local.vectors[chunk.rows]
+    if chunk.x is None:
+        chunk.x, chunk.sq = local.vectors[chunk.rows], local.sq_norms[chunk.rows]
+    x = chunk.x
     cross = x @ centres[chunk.index].transpose(0, 2, 1)
-    dist = local.sq_norms[chunk.rows][:, :, None] - 2 * cross + centre_sq[chunk.index][:, None, :]
+    dist = chunk.sq[:, :, None] - 2 * cross + centre_sq[chunk.index][:, None, :]
     dist = xp.where(valid[chunk.index][:, None, :], xp.maximum(dist, 0), xp.inf)
     labels = xp.argmin(dist, axis=2)
     nearest = xp.take_along_axis(dist, labels[:, :, None], axis=2)[:, :, 0]
@@ -299,7 +305,7 @@ def lloyd_stats(local: LocalTile, chunks: list[Chunk], centres, valid, xp) -> np
     n_tokens, k_max, d = centres.shape
     sums = xp.zeros((n_tokens, k_max, d), dtype=xp.float64)
     counts = xp.zeros((n_tokens, k_max), dtype=xp.float64)
-    inertia = xp.zeros(1, dtype=xp.float64)
+    inertia = xp.zeros(n_tokens, dtype=xp.float64)
     centre_sq = (centres * centres).sum(axis=-1)
     senses = xp.arange(k_max)
     for chunk in chunks:
@@ -307,15 +313,16 @@ def lloyd_stats(local: LocalTile, chunks: list[Chunk], centres, valid, xp) -> np
         members = ((labels[:, :, None] == senses) & chunk.valid[:, :, None]).astype(xp.float32)
         sums[chunk.index] = members.transpose(0, 2, 1) @ x
         counts[chunk.index] = members.sum(axis=1)
-        inertia += nearest.sum(dtype=xp.float64)
+        inertia[chunk.index] = nearest.sum(axis=1, dtype=xp.float64)
     return to_host(xp.concatenate([sums.ravel(), counts.ravel(), inertia]))
 
 
 def unpack_stats(packed, n_tokens: int, k_max: int, d: int):
-    """(sums [T, K, d], counts [T, K], inertia) from a (summed) lloyd_stats buffer."""
+    """(sums [T, K, d], counts [T, K], inertia per token [T]) from a (summed) lloyd_stats buffer."""
     split = n_tokens * k_max * d
     sums = packed[:split].reshape(n_tokens, k_max, d)
-    return sums, packed[split : split + n_tokens * k_max].reshape(n_tokens, k_max), float(packed[-1])
+    counts = packed[split : split + n_tokens * k_max].reshape(n_tokens, k_max)
+    return sums, counts, packed[split + n_tokens * k_max :]
 
 
 def assign_senses(local: LocalTile, chunks: list[Chunk], centres, valid, xp):
@@ -361,33 +368,64 @@ def reseed_empty(sub: Subsample, centres, valid, empty, xp):
     return centres, valid & ~(empty & ~moved), int(moved.sum())
 
 
-def run_lloyd(local, chunks, sub, centres, valid, allreduce: Collective, xp, cfg, on_iteration=None):
-    """Lloyd iterations with one allreduce each; stop on relative inertia change < tol or max_iter.
+def run_lloyd(local, chunks, sub, centres, valid, allreduce: Collective, xp, cfg, on_iteration=None, token_slots=None):
+    """Lloyd iterations with one allreduce each, each token stopping on its own.
 
-    The allreduced inertia is identical on every rank, so the stopping decision is too.
-    `sub` is the Subsample of the centres' tokens, or a list of (Subsample, first, end)
-    covering consecutive rows of `centres` (one per size group), used to re-seed.
+    A token stops when its centres moved, in total squared distance, by no more than
+    cfg.tol times its mean squared distance per dimension (scikit-learn's rule, per token),
+    or when the tile's inertia changed by no more than cfg.tol; then it leaves the
+    iterations (its rows are no longer read nor reduced). Decisions use allreduced values
+    only, so every rank takes the same ones. `chunks` must be planned for the centres' rows
+    in order (plan_chunks(..., tokens=...)); `sub` is the Subsample of those tokens, or a
+    list of (Subsample, first, end) covering consecutive rows of `centres` (one per size
+    group), used to re-seed empty senses. `token_slots`: the tile slot of each centre row
+    (default: row i is slot i).
     """
     groups = [(sub, 0, centres.shape[0])] if isinstance(sub, Subsample) else sub
     n_tokens, k_max, d = centres.shape
+    slot_of = np.arange(n_tokens) if token_slots is None else np.asarray(token_slots)
+    # `planned`: the centre rows the chunks cover; `active`: those still moving. Chunks are
+    # re-planned (their rows gathered again) only once half the planned tokens have stopped.
+    planned = active = np.arange(n_tokens)
+    token_inertia = np.zeros(n_tokens)
     history, previous = [], None
     for iteration in range(cfg.max_iter):
-        packed = to_device(allreduce(lloyd_stats(local, chunks, centres, valid, xp)), xp)
-        sums, counts, inertia = unpack_stats(packed, n_tokens, k_max, d)
-        updated, empty = update_centres(sums, counts, centres, valid, cfg.spherical, xp)
+        packed = to_device(allreduce(lloyd_stats(local, chunks, centres[to_device(planned, xp)],
+                                                 valid[to_device(planned, xp)], xp)), xp)
+        sums, counts, inertia = unpack_stats(packed, len(planned), k_max, d)
+        token_inertia[planned] = to_host(inertia)
+        moving = to_device(np.flatnonzero(np.isin(planned, active)), xp)
+        sums, counts, inertia = sums[moving], counts[moving], inertia[moving]
+        at = to_device(active, xp)
+        updated, empty = update_centres(sums, counts, centres[at], valid[at], cfg.spherical, xp)
         reseeded = 0
         for group, first, end in groups:
-            moved, valid[first:end], count = reseed_empty(group, updated[first:end], valid[first:end], empty[first:end], xp)
-            updated[first:end] = moved
+            rows = np.flatnonzero((active >= first) & (active < end))
+            if len(rows) == 0 or not bool(empty[to_device(rows, xp)].any()):
+                continue  # nothing to re-seed: spare the copy of the group's subsample
+            members = to_device(active[rows] - first, xp)
+            part = Subsample(group.points[members], group.mask[members], group.counts[active[rows] - first])
+            rows_dev = to_device(rows, xp)
+            moved, still_valid, count = reseed_empty(part, updated[rows_dev], valid[at][rows_dev], empty[rows_dev], xp)
+            updated[rows_dev] = moved
+            valid[at[rows_dev]] = still_valid
             reseeded += count
-        shift = float(((updated - centres) ** 2).sum(dtype=xp.float64))
-        centres = updated
-        history.append({"iteration": iteration, "inertia": inertia, "shift": shift, "reseeded": reseeded})
+        moved_by = ((updated - centres[at]) ** 2).sum(axis=(1, 2), dtype=xp.float64)
+        centres[at] = updated
+        total = float(token_inertia.sum())
+        history.append({"iteration": iteration, "inertia": total, "shift": float(moved_by.sum()), "reseeded": reseeded,
+                        "active_tokens": int(len(active))})
         if on_iteration is not None:
             on_iteration(history[-1])
-        if shift == 0 or (previous is not None and abs(previous - inertia) <= cfg.tol * previous):
+        per_dim = to_host(inertia) / np.maximum(to_host(counts.sum(axis=1)) * d, 1)
+        still = (to_host(moved_by) > cfg.tol * per_dim) & (to_host(moved_by) > 0)
+        if not still.any() or (previous is not None and abs(previous - total) <= cfg.tol * previous):
             break
-        previous = inertia
+        previous = total
+        active = active[still]
+        if len(active) <= len(planned) // 2:
+            planned = active
+            chunks = plan_chunks(local.offsets, d, xp, tokens=slot_of[planned])
     return centres, valid, history
 
 
@@ -460,7 +498,7 @@ def cluster_tile(local: LocalTile, cfg, allreduce: Collective = identity, allgat
         order = np.concatenate(order)
         chunks = plan_chunks(local.offsets, d, xp, tokens=order)
         found, found_valid, history = run_lloyd(local, chunks, groups, xp.concatenate(group_centres),
-                                                xp.concatenate(group_valid), allreduce, xp, cfg, on_iteration)
+                                                xp.concatenate(group_valid), allreduce, xp, cfg, on_iteration, order)
         at = to_device(order, xp)
         centres[at], valid[at] = found, found_valid
     labels, distances, counts, inertia = final_assignment(local, plan_chunks(local.offsets, d, xp), centres, valid,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -98,22 +99,37 @@ def run_pass(
     tb = summary_writer(tb_dir.parent, tb_dir.name)
     bar = tqdm(total=expected_tokens // env.world_size or None, unit="tok", disable=not env.is_main, desc=prefix)
     pending: dict[str, Counter] = {}
-    n_windows, start, step = 0, time.time(), 0
-    for batch, hidden in run_lockstep(teacher, batches, lambda b: corpus.batch_windows(b.windows, pad), batch_size):
-        for window, states in zip(batch.windows, hidden.cpu().numpy()):
-            sink.write(writer, window, states[: len(window.input_ids)], pending)
+
+    def write_batch(windows: list, states) -> None:
+        for window, window_states in zip(windows, states):
+            sink.write(writer, window, window_states[: len(window.input_ids)], pending)
             pending.setdefault("totals", Counter()).update(windows=1, tokens=sum(window.owned))
             crash_point(f"{prefix}.window")
-        n_windows += len(batch.windows)
-        bar.update(sum(sum(w.owned) for w in batch.windows))
-        if writer.full and batch.closes_pool:  # a resume must restart at a pool, to form the same batches
-            writer.close_shard()
-            progress.commit(writer.written[-1], n_windows, pending)
-            pending, n_windows = {}, 0
-            crash_point(f"{prefix}.commit")
-        step += 1
-        if step % 10 == 0:
-            tb.add_scalar("speed/tokens_per_s", bar.n / max(time.time() - start, 1e-9), step)
+
+    n_windows, start, step = 0, time.time(), 0
+    # Sampling, encoding and shard writing run on one background thread while the next batch is
+    # forwarded; in order (one worker), so shards are the same, and drained at every pool's end,
+    # the only place a shard may close.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{prefix}-writer") as background:
+        in_flight = []
+        for batch, hidden in run_lockstep(teacher, batches, lambda b: corpus.batch_windows(b.windows, pad), batch_size):
+            in_flight.append(background.submit(write_batch, batch.windows, hidden.cpu().numpy()))
+            n_windows += len(batch.windows)
+            bar.update(sum(sum(w.owned) for w in batch.windows))
+            if batch.closes_pool:
+                for job in in_flight:
+                    job.result()  # re-raises a writer's error here
+                in_flight = []
+                if writer.full:  # a resume must restart at a pool, to form the same batches
+                    writer.close_shard()
+                    progress.commit(writer.written[-1], n_windows, pending)
+                    pending, n_windows = {}, 0
+                    crash_point(f"{prefix}.commit")
+            step += 1
+            if step % 10 == 0:
+                tb.add_scalar("speed/tokens_per_s", bar.n / max(time.time() - start, 1e-9), step)
+        for job in in_flight:
+            job.result()
     closed = len(writer.written)
     writer.close()
     if len(writer.written) > closed or n_windows:
