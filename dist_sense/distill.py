@@ -349,7 +349,9 @@ def run(cfg: RunConfig) -> Path:
     engine = _initialize(cfg, student, plan)
     seed_everything(cfg.distill.seed + 1000 * (env.rank + 1))  # dropout differs by rank
     data = LabelData(cfg.run_path / "labels", plan["manifest"], env.rank, env.world_size, plan["micro"],
-                     global_batch=cfg.distill.global_batch_size, seed=cfg.distill.seed, eval_fraction=cfg.distill.eval_fraction, pad_id=tokenizer.pad_token_id or 0)
+                     global_batch=cfg.distill.global_batch_size, seed=cfg.distill.seed, eval_fraction=cfg.distill.eval_fraction,
+                     pad_id=tokenizer.pad_token_id or 0,
+                     skip_fields=() if cfg.distill.loss == "mse" else ("teacher",))  # the sense loss never reads them
     senses = SenseTable(plan["dictionary"], engine.device, cfg.distill.loss, float(plan["manifest"].get("temperature") or 1.0),
                         dtype=torch.bfloat16 if engine.bfloat16_enabled() else torch.float32,
                         similarity=plan["manifest"].get("similarity") or "dot")

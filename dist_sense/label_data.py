@@ -77,6 +77,44 @@ def shard_keys(path: Path, expected: int | None = None) -> list[str]:
     return keys
 
 
+def shard_index(path: Path, expected: int | None = None) -> dict[str, dict[str, tuple[int, int]]]:
+    """{key: {field: (byte offset, size)}} of one tar shard's .npy members, keys in order, from
+    one pass over the headers: later reads seek straight to the data, parsing no header again."""
+    index: dict[str, dict[str, tuple[int, int]]] = {}
+    try:
+        with tarfile.open(path, "r") as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                if member.isfile() and ext.endswith(".npy"):
+                    index.setdefault(key, {})[ext[: -len(".npy")]] = (member.offset_data, member.size)
+    except (tarfile.TarError, OSError) as err:
+        raise ShardError(f"{path}: truncated or corrupted labels shard ({err}); rerun the label stage") from None
+    if expected is not None and len(index) != expected:
+        raise ShardError(f"{path}: holds {len(index)} samples, the manifest says {expected}; rerun the label stage")
+    return index
+
+
+def read_indexed(path: Path, index: dict, wanted, skip: tuple[str, ...] = ()) -> dict[str, dict[str, np.ndarray]]:
+    """read_samples through a shard_index: only the wanted samples' fields (less `skip`) are read."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    try:
+        with open(path, "rb") as f:
+            for key in sorted(wanted, key=lambda k: min(o for o, _ in index[k].values())):  # one forward sweep
+                fields = {}
+                for name, (offset, size) in index[key].items():
+                    if name in skip:
+                        continue
+                    f.seek(offset)
+                    fields[name] = np.load(io.BytesIO(f.read(size)), allow_pickle=False)
+                out[key] = fields
+    except (KeyError, OSError, ValueError) as err:
+        raise ShardError(f"{path}: cannot read labels samples ({err}); rerun the label stage") from None
+    for key in wanted:
+        if "input_ids" not in out[key] or "senses" not in out[key]:
+            raise ShardError(f"{path}: sample {key!r} lacks input_ids/senses")
+    return out
+
+
 def read_samples(path: Path, wanted: set[str]) -> dict[str, dict[str, np.ndarray]]:
     """{key: {field: array}} for the `wanted` keys of one shard; other members are skipped, not read."""
     out: dict[str, dict[str, np.ndarray]] = {}
@@ -125,12 +163,14 @@ class LabelData:
     """The train/held-out split of RUN/labels and this rank's micro-batches, with a resumable position."""
 
     def __init__(self, labels_dir, manifest: dict, rank: int, world_size: int, micro_batch: int,
-                 global_batch: int = 0, seed: int = 0, eval_fraction: float = 0.0, pad_id: int = 0):
+                 global_batch: int = 0, seed: int = 0, eval_fraction: float = 0.0, pad_id: int = 0,
+                 skip_fields: tuple[str, ...] = ()):
         self.dir = Path(labels_dir)
         self.rank, self.world, self.micro = rank, world_size, micro_batch
-        self.seed, self.pad_id = seed, pad_id
+        self.seed, self.pad_id, self.skip = seed, pad_id, tuple(skip_fields)
         self.shards = [entry["file"] for entry in manifest.get("shards", [])]
-        keys = [shard_keys(self.dir / e["file"], e.get("samples")) for e in manifest.get("shards", [])]
+        self.index = [shard_index(self.dir / e["file"], e.get("samples")) for e in manifest.get("shards", [])]
+        keys = [list(index) for index in self.index]
         held = [[is_held_out(k, eval_fraction) for k in ks] for ks in keys]
         self.train_keys = [[k for k, h in zip(ks, hs) if not h] for ks, hs in zip(keys, held)]
         self.eval_keys = [(s, k) for s, (ks, hs) in enumerate(zip(keys, held)) for k, h in zip(ks, hs) if h]
@@ -202,7 +242,7 @@ class LabelData:
         # everything this rank needs from it (the rest of the tar is skipped, not read).
         if self._cache[0] != shard:
             self._cache = (-1, {})  # free the previous shard first
-            self._cache = (shard, read_samples(self.dir / self.shards[shard], mine[shard]))
+            self._cache = (shard, read_indexed(self.dir / self.shards[shard], self.index[shard], mine[shard], self.skip))
         return self._cache[1][key]
 
     # ------------------------------------------------------------------ held-out batches
