@@ -84,6 +84,7 @@ def prepare(run_dir: Path, train_documents: int, steps: int, seed: int = 0) -> P
         "distill": {"layers": 2, "steps": steps, "global_batch_size": 32, "micro_batch_size": 16, "lr": 5e-4,
                     "warmup_steps": 15, "eval_every": 50, "save_every": 100, "freeze_embeddings": True},
         "eval": {"corpus_path": str(data / "held_out.jsonl"), "max_documents": 600, "max_probe_examples": PROBE_EXAMPLES,
+                 "batch_size": 64,
                  "probe_tasks": [f"wordnet_supersense={data / 'probe_supersense.jsonl'}"], "wic_path": str(data / "wic.jsonl")},
     }
     return atomic_write_json(run_dir / "demo.json", config)

@@ -115,10 +115,18 @@ class SenseEncoder:
 
     @torch.no_grad()
     def encode(self, texts: list[str], batch_size: int = 32, return_tensors: str = "np") -> list[EncodedText]:
-        """Encode `texts` in batches; one EncodedText per text (longer texts are cut at max_length)."""
-        out: list[EncodedText] = []
-        for start in range(0, len(texts), batch_size):
-            out.extend(self._encode_batch(list(texts[start : start + batch_size]), return_tensors))
+        """Encode `texts` in batches; one EncodedText per text, in order (longer texts are cut at max_length).
+
+        Batches are formed from texts of similar length (longest first), so little of each
+        forward is spent on padding; results come back in the order of `texts`.
+        """
+        texts = list(texts)
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out: list[EncodedText | None] = [None] * len(texts)
+        for start in range(0, len(order), batch_size):
+            part = order[start : start + batch_size]
+            for i, encoded in zip(part, self._encode_batch([texts[i] for i in part], return_tensors)):
+                out[i] = encoded
         return out
 
     def _encode_batch(self, texts: list[str], return_tensors: str) -> list[EncodedText]:

@@ -56,10 +56,10 @@ def content_mask(encoded: EncodedText) -> np.ndarray:
 
 
 def encode_each(encoder: SenseEncoder, texts: list[str], batch_size: int, pick: Callable[[EncodedText, int], object]):
-    """pick(encoded, index) for every text, encoding batch by batch so only the picked parts are kept."""
-    kept = []
-    for start in range(0, len(texts), batch_size):
-        batch = encoder.encode(texts[start : start + batch_size], batch_size=batch_size)
+    """pick(encoded, index) for every text, encoding block by block so only the picked parts are kept."""
+    kept, block = [], batch_size * 16  # encode sorts each block by length: big blocks, little padding
+    for start in range(0, len(texts), block):
+        batch = encoder.encode(texts[start : start + block], batch_size=batch_size)
         kept.extend(pick(encoded, start + i) for i, encoded in enumerate(batch))
     return kept
 
