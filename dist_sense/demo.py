@@ -22,6 +22,8 @@ from .manifest import atomic_write_bytes, atomic_write_json
 
 HELD_OUT_PERCENT = 20
 PROBE_EXAMPLES = 4000
+DISTILL_DOCUMENTS = 6000
+"""Training documents labelled for distillation: more than the 150 x 32 windows the students see."""
 WIC_PAIRS = 1200
 
 
@@ -58,7 +60,7 @@ def wic_rows(held_out: list[wordnet.Synset], rng: random.Random) -> list[dict]:
 
 
 def prepare(run_dir: Path, train_documents: int, steps: int, seed: int = 0) -> Path:
-    """Write RUN/data/{train,held_out,probe_supersense,wic}.jsonl and RUN/demo.json; returns the config path."""
+    """Write RUN/data/{train,distill,held_out,probe_supersense,wic}.jsonl and RUN/demo.json; returns the config path."""
     synsets = wordnet.read_synsets(wordnet.ensure_wordnet(Path(".cache") / "wordnet"))
     held_out = [s for s in synsets if is_held_out(s)]
     train = [s for s in synsets if not is_held_out(s)]
@@ -67,6 +69,8 @@ def prepare(run_dir: Path, train_documents: int, steps: int, seed: int = 0) -> P
     texts = [e for s in train for e in s.examples] + [s.gloss for s in train if s.gloss]
     rng.shuffle(texts)
     write_jsonl(data / "train.jsonl", [{"text": t} for t in texts[:train_documents]])
+    # The distillation corpus is a part of the dictionary's: the teacher labels only what the students read.
+    write_jsonl(data / "distill.jsonl", [{"text": t} for t in texts[: min(DISTILL_DOCUMENTS, train_documents)]])
     write_jsonl(data / "held_out.jsonl", [{"text": e} for s in held_out for e in s.examples])
     write_jsonl(data / "probe_supersense.jsonl", probe_rows(held_out, rng))
     write_jsonl(data / "wic.jsonl", wic_rows(held_out, rng))
@@ -79,7 +83,8 @@ def prepare(run_dir: Path, train_documents: int, steps: int, seed: int = 0) -> P
         # one device needs ZeRO-3: leave extract.partition at auto.
         "extract": {"cap": 200, "batch_size": 32, "shard_samples": 4000, "partition": "replicate"},
         "kmeans": {"k": 20, "tile_tokens": 4096},
-        "label": {"batch_size": 32, "store_hidden": True, "shard_samples": 4000},
+        "label": {"corpus_path": str(data / "distill.jsonl"), "batch_size": 32, "store_hidden": True,
+                  "shard_samples": 4000},
         # Frozen input embeddings: 12M of the 2-layer student's 15M parameters, so steps are cheap.
         "distill": {"layers": 2, "steps": steps, "global_batch_size": 32, "micro_batch_size": 16, "lr": 5e-4,
                     "warmup_steps": 15, "eval_every": 50, "save_every": 100, "freeze_embeddings": True},
