@@ -6,7 +6,7 @@ Inputs: RUN/dictionary/ and RUN/labels/ (the teacher does not run here). Output:
   checkpoints/run.json the identity of the run the checkpoints belong to (fingerprints, student)
   metrics.jsonl        one JSON line per step and per evaluation (rank 0)
   final/               save_student of the last step (written to a temporary name, renamed)
-A rerun resumes from the newest checkpoint: weights, optimizer, schedule, data position, RNG.
+A rerun resumes from the newest checkpoint: weights, optimizer, schedule, data position, RNG (checkpoints.py).
 Batch sizes come from distill.* through `batch_settings`; ds_configs/ hold engine settings only.
 """
 from __future__ import annotations
@@ -15,7 +15,6 @@ import copy
 import json
 import math
 import os
-import random
 import shutil
 import time
 from pathlib import Path
@@ -24,12 +23,14 @@ import numpy as np
 import torch
 
 from . import dist
+from .checkpoints import (CheckpointError, check_checkpoint_identity, latest_tag, resume,  # noqa: F401
+                          save_checkpoint, seed_everything)
 from .config import ConfigError, RunConfig
 from .dictionary import SenseDictionary
 from .faults import crash_point
 from .label_data import LabelData, LabelsError, check_labels_match_dictionary, read_labels_manifest
 from .losses import mse_loss, positions_per_chunk, sense_kd_loss, sense_table
-from .manifest import ManifestError, atomic_write_json, file_fingerprint
+from .manifest import atomic_write_json, file_fingerprint
 from .metrics import summary_writer
 from .student import build_student, check_vocabulary, save_student
 from .teacher import load_tokenizer
@@ -38,13 +39,7 @@ log = dist.get_logger("dist_sense.distill")
 
 MIN_LR_RATIO = 0.1
 """The cosine schedule ends at this fraction of the peak learning rate."""
-KEEP_CHECKPOINTS = 2
-"""Older step checkpoints are deleted once a newer one is complete."""
 ENGINE_OWNED_BY_CONFIG = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "scheduler")
-
-
-class CheckpointError(ManifestError):
-    """A checkpoint directory that belongs to another run, or cannot be resumed; the message names it."""
 
 
 # ----------------------------------------------------------------------------- settings
@@ -131,83 +126,6 @@ def prepare(cfg: RunConfig, world_size: int) -> dict:
     check_checkpoint_identity(ckpt_dir, identity)
     return {"dictionary": dictionary, "manifest": manifest, "micro": micro, "accum": accum,
             "identity": identity, "ckpt_dir": ckpt_dir}
-
-
-def check_checkpoint_identity(ckpt_dir: Path, identity: dict, found: dict | None = None, source: Path | None = None) -> None:
-    """Refuse checkpoints written by a run with other labels, dictionary, teacher or student."""
-    source = source or ckpt_dir / "run.json"
-    if found is None:
-        if not source.is_file():
-            return
-        found = json.loads(source.read_text())
-    differ = sorted(k for k in set(identity) | set(found) if identity.get(k) != found.get(k))
-    if differ:
-        details = "; ".join(f"{k}: checkpoint {found.get(k)!r}, this run {identity.get(k)!r}" for k in differ)
-        raise CheckpointError(f"{source}: the checkpoints in {ckpt_dir} belong to another run ({details}); "
-                              f"use another run_dir or delete {ckpt_dir} to start over")
-
-
-def latest_tag(ckpt_dir: Path) -> str | None:
-    latest = ckpt_dir / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
-
-
-# ----------------------------------------------------------------------------- RNG and checkpoints
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def save_checkpoint(engine, ckpt_dir: Path, step: int, data: LabelData, identity: dict) -> None:
-    """All ranks: a DeepSpeed checkpoint tagged stepN with data position and every rank's RNG."""
-    client = {"dist_sense": {"identity": identity, "data": data.position(), "rng": dist.all_gather_object(rng_state()),
-                             "world_size": dist.detect().world_size}}
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state=client)
-    if dist.detect().is_main:
-        tags = sorted((p for p in ckpt_dir.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:] or 0))
-        for old in tags[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
-    log.info("checkpoint step%d saved in %s", step, ckpt_dir)
-
-
-def resume(engine, ckpt_dir: Path, identity: dict, data: LabelData) -> int:
-    """Load the newest checkpoint if there is one; return the global step to continue from."""
-    tag = latest_tag(ckpt_dir)
-    if tag is None:
-        return 0
-    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-    if path is None:
-        raise CheckpointError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint; delete {ckpt_dir} to start over")
-    state = (client or {}).get("dist_sense")
-    if state is None:
-        raise CheckpointError(f"{ckpt_dir / tag}: not written by dist_sense (no run identity); delete {ckpt_dir}")
-    check_checkpoint_identity(ckpt_dir, identity, found=state["identity"], source=ckpt_dir / tag)
-    data.restore(state["data"])
-    env = dist.detect()
-    if len(state["rng"]) == env.world_size:
-        set_rng_state(state["rng"][env.rank])
-    else:
-        log.warning("checkpoint from %d ranks, now %d: RNG streams restart", len(state["rng"]), env.world_size)
-    log.info("resumed from %s at step %d (data position %s)", ckpt_dir / tag, engine.global_steps, state["data"])
-    return int(engine.global_steps)
 
 
 # ----------------------------------------------------------------------------- one step, evaluation

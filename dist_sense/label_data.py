@@ -63,18 +63,7 @@ def is_held_out(key: str, fraction: float) -> bool:
 
 def shard_keys(path: Path, expected: int | None = None) -> list[str]:
     """The sample keys of one tar shard in order, read from member headers only."""
-    keys: list[str] = []
-    try:
-        with tarfile.open(path, "r") as tar:
-            for member in tar:
-                key = member.name.partition(".")[0]
-                if member.isfile() and (not keys or keys[-1] != key):
-                    keys.append(key)
-    except (tarfile.TarError, OSError) as err:
-        raise ShardError(f"{path}: truncated or corrupted labels shard ({err}); rerun the label stage") from None
-    if expected is not None and len(keys) != expected:
-        raise ShardError(f"{path}: holds {len(keys)} samples, the manifest says {expected}; rerun the label stage")
-    return keys
+    return list(shard_index(path, expected))
 
 
 def shard_index(path: Path, expected: int | None = None) -> dict[str, dict[str, tuple[int, int]]]:
@@ -95,7 +84,8 @@ def shard_index(path: Path, expected: int | None = None) -> dict[str, dict[str, 
 
 
 def read_indexed(path: Path, index: dict, wanted, skip: tuple[str, ...] = ()) -> dict[str, dict[str, np.ndarray]]:
-    """read_samples through a shard_index: only the wanted samples' fields (less `skip`) are read."""
+    """{key: {field: array}} of the `wanted` samples, through a shard_index: only their fields
+    (less `skip`) are read, by seeking; nothing else of the tar is parsed."""
     out: dict[str, dict[str, np.ndarray]] = {}
     try:
         with open(path, "rb") as f:
@@ -116,22 +106,8 @@ def read_indexed(path: Path, index: dict, wanted, skip: tuple[str, ...] = ()) ->
 
 
 def read_samples(path: Path, wanted: set[str]) -> dict[str, dict[str, np.ndarray]]:
-    """{key: {field: array}} for the `wanted` keys of one shard; other members are skipped, not read."""
-    out: dict[str, dict[str, np.ndarray]] = {}
-    try:
-        with tarfile.open(path, "r") as tar:
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                if not member.isfile() or key not in wanted or not ext.endswith(".npy"):
-                    continue
-                data = tar.extractfile(member).read()
-                out.setdefault(key, {})[ext[: -len(".npy")]] = np.load(io.BytesIO(data), allow_pickle=False)
-    except (tarfile.TarError, OSError, ValueError) as err:
-        raise ShardError(f"{path}: cannot read labels samples ({err}); rerun the label stage") from None
-    for key in wanted:
-        if key not in out or "input_ids" not in out[key] or "senses" not in out[key]:
-            raise ShardError(f"{path}: sample {key!r} is missing or lacks input_ids/senses")
-    return out
+    """{key: {field: array}} for the `wanted` keys of one shard (one pass over its headers, then seeks)."""
+    return read_indexed(path, shard_index(path), wanted)
 
 
 def collate(samples: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:

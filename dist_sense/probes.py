@@ -128,11 +128,6 @@ def probe_accuracies(features: dict[str, np.ndarray], labels: list, source: str)
     return {name: total / len(labels) for name, total in totals.items()}
 
 
-def probe_accuracy(features: np.ndarray, labels: list, source: str) -> float:
-    """probe_accuracies for one feature set."""
-    return probe_accuracies({"features": features}, labels, source)["features"]
-
-
 class Snappers:
     """The teacher's states snapped under every similarity, for the `snapping.*` metrics."""
 

@@ -1,0 +1,181 @@
+"""Where each token's k-means starts: the shared subsample, k-means++ and re-seeding.
+
+Every rank derives the same subsample of each token's vectors (gather_subsample), so
+every rank takes the same k-means++ start and re-seeds empty senses the same way; tokens
+with no more vectors than their k keep their distinct vectors (distinct_vectors). Used
+by kmeans.cluster_tile; arrays live on `xp` (cupy or numpy), collectives on host arrays.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+from .backend import to_device, to_host
+
+if TYPE_CHECKING:
+    from .kmeans import LocalTile
+
+
+@dataclass
+class Subsample:
+    """The same bounded subsample of every token on every rank, padded: valid points first."""
+
+    points: object
+    """xp float32 [T, s, d]."""
+    mask: object
+    """xp bool [T, s]."""
+    counts: np.ndarray
+    """int64 [T]: valid points per token."""
+
+
+def rank_in_group(sorted_groups: np.ndarray) -> np.ndarray:
+    """Position of each element within its run of equal values (input grouped)."""
+    n = len(sorted_groups)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.r_[True, sorted_groups[1:] != sorted_groups[:-1]]
+    return np.arange(n) - np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+
+
+# ----------------------------------------------------------------------------- subsample
+
+
+def gather_subsample(local: LocalTile, cap: np.ndarray, allgather: Callable[[np.ndarray], np.ndarray], xp, tokens=None) -> Subsample:
+    """Every token's `cap[t]` lowest-priority vectors over all ranks, identical on every rank.
+
+    With `tokens` (sorted slots), only those tokens' vectors, rows in the order of `tokens`.
+
+    Two rounds keep traffic bounded: first the (slot, priority) keys of each rank's
+    own lowest `cap` rows, from which every rank derives the same per-token priority
+    threshold; then only the rows under it. The result does not depend on how the
+    rows are spread over ranks, so 1 and N ranks derive the same k and start.
+    """
+    n_tokens, d = local.n_tokens, int(local.vectors.shape[1])
+    if tokens is not None:
+        chosen_cap = np.zeros(n_tokens, dtype=np.int64)
+        chosen_cap[tokens] = np.asarray(cap)[tokens]
+        cap = chosen_cap
+    candidate = rank_in_group(local.slots) < cap[local.slots]
+    keys = allgather(np.stack([local.slots[candidate].astype(np.uint64), local.priority[candidate]], axis=1))
+    keys = keys[np.lexsort((keys[:, 1], keys[:, 0]))]
+    key_slots = keys[:, 0].astype(np.int64)
+    taken = rank_in_group(key_slots) < cap[key_slots]
+    threshold = np.zeros(n_tokens, dtype=np.uint64)
+    np.maximum.at(threshold, key_slots[taken], keys[taken, 1])
+    has_any = np.bincount(key_slots[taken], minlength=n_tokens) > 0
+    chosen = np.flatnonzero(candidate & has_any[local.slots] & (local.priority <= threshold[local.slots]))
+    points = allgather(to_host(local.vectors[to_device(chosen, xp)]).reshape(-1, d))
+    ids = allgather(np.stack([local.slots[chosen].astype(np.uint64), local.priority[chosen]], axis=1))
+    order = np.lexsort((ids[:, 1], ids[:, 0]))
+    slots = ids[order, 0].astype(np.int64)
+    if tokens is not None:  # compact: row i of the result is token tokens[i]
+        where = np.full(n_tokens, -1, dtype=np.int64)
+        where[tokens] = np.arange(len(tokens))
+        slots, n_tokens = where[slots], len(tokens)
+    counts = np.bincount(slots, minlength=n_tokens).astype(np.int64)
+    width = max(1, int(counts.max(initial=0)))
+    padded = np.zeros((n_tokens, width, d), dtype=np.float32)
+    mask = np.zeros((n_tokens, width), dtype=bool)
+    position = rank_in_group(slots)
+    padded[slots, position] = points[order]
+    mask[slots, position] = True
+    return Subsample(to_device(padded, xp), to_device(mask, xp), counts)
+
+
+# ----------------------------------------------------------------------------- seeding
+
+
+def _sq_distances(points, sq, centres, xp):
+    """[T, s, m] squared distances of points [T, s, d] (norms sq) to centres [T, m, d]."""
+    cross = points @ centres.transpose(0, 2, 1)
+    return xp.maximum(sq[:, :, None] - 2 * cross + (centres * centres).sum(-1)[:, None, :], 0)
+
+
+def kmeans_plusplus(sub: Subsample, k: np.ndarray, rng: np.random.Generator, xp):
+    """Greedy k-means++ on each token's subsample, one vectorised step per centre index.
+
+    As in scikit-learn, each step draws 2 + log(k) candidates with probability
+    proportional to D^2 and keeps the one that lowers the potential most. Draws come
+    from `rng` on the host, so every rank and backend makes the same choices. A token
+    runs out of centres early when its points are all taken (potential 0).
+    """
+    points, mask = sub.points, sub.mask
+    n_tokens, width, d = points.shape
+    k_max = max(1, int(k.max(initial=1)))
+    trials = 2 + int(math.log(k_max))
+    tokens = xp.arange(n_tokens)
+    sq = (points * points).sum(-1)
+    k_dev, n_valid = to_device(k, xp), to_device(sub.counts, xp)
+    centres = xp.zeros((n_tokens, k_max, d), dtype=xp.float32)
+    valid = xp.zeros((n_tokens, k_max), dtype=bool)
+    first = to_device(np.minimum(rng.random(n_tokens) * sub.counts, np.maximum(sub.counts - 1, 0)).astype(np.int64), xp)
+    centres[:, 0] = points[tokens, first]
+    valid[:, 0] = (n_valid > 0) & (k_dev > 0)
+    closest = _sq_distances(points, sq, centres[:, :1], xp)[:, :, 0] * mask
+    for j in range(1, k_max):
+        potential = closest.sum(axis=1)
+        draws = to_device(rng.random((n_tokens, trials)), xp) * potential[:, None]
+        cumulative = xp.cumsum(closest, axis=1)
+        pick = (cumulative[:, None, :] < draws[:, :, None]).sum(axis=-1)
+        pick = xp.minimum(pick, xp.maximum(n_valid - 1, 0)[:, None])
+        candidates = points[tokens[:, None], pick]
+        trial = xp.minimum(closest[:, :, None], _sq_distances(points, sq, candidates, xp)) * mask[:, :, None]
+        best = xp.argmin(trial.sum(axis=1), axis=1)
+        active = (j < k_dev) & (potential > 0)
+        centres[:, j] = xp.where(active[:, None], candidates[tokens, best], 0)
+        closest = xp.where(active[:, None], trial[tokens, :, best], closest)
+        valid[:, j] = active
+    return centres, valid
+
+
+def distinct_vectors(sub: Subsample, k_max: int, xp):
+    """([S, k_max, d], [S, k_max] mask) the distinct vectors of each token of `sub`.
+
+    For tokens with no more vectors than their k: `sub` holds all of them, and they are
+    the senses (k-means on them would only rediscover them).
+    """
+    n_tokens, _, d = sub.points.shape
+    centres = np.zeros((n_tokens, k_max, d), dtype=np.float32)
+    valid = np.zeros((n_tokens, k_max), dtype=bool)
+    token, position = np.nonzero(to_host(sub.mask))
+    if len(token):
+        rows = np.concatenate([token[:, None].astype(np.float64), to_host(sub.points)[token, position].astype(np.float64)], 1)
+        distinct = np.unique(rows, axis=0)
+        slots = distinct[:, 0].astype(np.int64)
+        at = (slots, rank_in_group(slots))
+        centres[at] = distinct[:, 1:].astype(np.float32)
+        valid[at] = True
+    return to_device(centres, xp), to_device(valid, xp)
+
+
+def size_classes(sizes: np.ndarray) -> list[np.ndarray]:
+    """Indices of `sizes` grouped by power-of-two class, smallest class first.
+
+    Padding a group to its largest member then wastes under half of it, where one
+    padded block for a whole tile would pad every token to the tile's largest.
+    """
+    classes = np.floor(np.log2(np.maximum(sizes, 1))).astype(np.int64)
+    return [np.flatnonzero(classes == c) for c in np.unique(classes)]
+
+
+def reseed_empty(sub: Subsample, centres, valid, empty, xp):
+    """Move each empty sense to the subsample point farthest from its nearest centre.
+
+    The subsample is the same on every rank, so every rank re-seeds identically. A
+    token's j-th empty sense takes its j-th farthest point; a sense with no point at
+    a positive distance left (all points are centres) is dropped.
+    """
+    if not bool(empty.any()):
+        return centres, valid, 0
+    sq = (sub.points * sub.points).sum(-1)
+    far = xp.where(valid[:, None, :], _sq_distances(sub.points, sq, centres, xp), xp.inf).min(axis=2)
+    far = xp.where(sub.mask, far, -1)
+    wanted = xp.clip(xp.cumsum(empty, axis=1) - 1, 0, far.shape[1] - 1)
+    pick = xp.take_along_axis(xp.argsort(-far, axis=1), wanted, axis=1)
+    moved = empty & (xp.take_along_axis(far, pick, axis=1) > 0)
+    tokens = xp.arange(centres.shape[0])[:, None]
+    centres = xp.where(moved[:, :, None], sub.points[tokens, pick], centres)
+    return centres, valid & ~(empty & ~moved), int(moved.sum())
