@@ -23,7 +23,7 @@ def render(results: dict) -> str:
             continue
         entry = results[name]
         m = entry["machine"]
-        lines += [f"## {name}", "", f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
+        lines += [f"## {name}", "", *describe(name), f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
                   f"({m['torch_threads']} threads), Python {m['python']}, measured {m['date']}.", "",
                   "| figure | value | target |", "|---|---|---|"]
         for key, value in entry["figures"].items():
@@ -31,6 +31,15 @@ def render(results: dict) -> str:
             lines.append(f"| {key} | {shown} | {entry['targets'].get(key, '')} |")
         lines.append("")
     return "\n".join(lines + gpu_section())
+
+
+def describe(name: str) -> list[str]:
+    """The benchmark module's docstring (what is measured, against what), as paragraphs."""
+    try:
+        doc = importlib.import_module(f"bench.{name}").__doc__ or ""
+    except ImportError:
+        return []
+    return [" ".join(line.strip() for line in para.splitlines()) + "\n" for para in doc.strip().split("\n\n")]
 
 
 def gpu_section() -> list[str]:

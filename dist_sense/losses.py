@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 TOP_K_AGREEMENT = 5
 
@@ -22,11 +21,11 @@ def labelled_positions(input_ids, targets, token_to_row):
     """(flat position index [N], dictionary row [N]) of the positions that carry a sense target."""
     ids = input_ids.reshape(-1).long()
     vocab = token_to_row.shape[0]
-    rows = token_to_row[ids.clamp(0, vocab - 1)]
+    rows = token_to_row.index_select(0, ids.clamp(0, vocab - 1))
     rows = torch.where((ids >= 0) & (ids < vocab), rows, torch.full_like(rows, -1))
     keep = (targets.reshape(-1) >= 0) & (rows >= 0)
     index = keep.nonzero(as_tuple=True)[0]
-    return index, rows[index]
+    return index, rows.index_select(0, index)
 
 
 SIMILARITIES = ("dot", "cos", "l2")
@@ -58,37 +57,108 @@ def sense_queries(states, similarity: str):
 
 def sense_logits(states, rows, centres, sense_mask, temperature: float = 1.0):
     """[N, K] logits of N states against their tokens' padded senses; padding is -inf."""
-    senses = centres[rows].float()  # [N, K, d]: the only tensor that grows with K * d
-    # fp32 logits even when the student runs in bf16: the softmax over close senses needs the precision.
-    logits = torch.einsum("nkd,nd->nk", senses, states.float()) / temperature
-    return logits.masked_fill(~sense_mask[rows], float("-inf"))
+    senses = _gather_senses(centres, rows)  # [N, K, d]: the only tensor that grows with K * d
+    logits = torch.bmm(states.float()[:, None, :], senses.transpose(1, 2)).squeeze(1) / temperature
+    return logits.masked_fill(~sense_mask.index_select(0, rows), float("-inf"))
 
 
-def _chunk_terms(states, rows, targets, centres, sense_mask, soft_ids, soft_probs, temperature):
-    """Summed loss, top-1 and top-5 hits of one chunk of positions."""
-    logits = sense_logits(states, rows, centres, sense_mask, temperature)
-    log_q = F.log_softmax(logits, dim=-1)
-    if soft_ids is None:
-        loss = F.nll_loss(log_q, targets, reduction="sum")
-    else:
-        loss = soft_kl_sum(log_q, soft_ids, soft_probs) * temperature**2
-    with torch.no_grad():
-        k = min(TOP_K_AGREEMENT, logits.shape[1])
-        top = logits.topk(k, dim=-1).indices
-        top1 = (top[:, 0] == targets).sum()
-        # Tokens with fewer than 5 senses have -inf entries in their top 5: those never match a real target.
-        top5 = (top == targets[:, None]).any(dim=-1).sum()
-    return loss, top1, top5
+class _SenseLoss(torch.autograd.Function):
+    """Summed cross-entropy (or KL to soft targets) of the labelled positions against their senses.
+
+    Forward and backward are written out by hand, one node in the autograd graph: at a demo
+    micro batch (~140 positions) the arithmetic is a gather and two batched GEMVs, and
+    autograd's bookkeeping for the generic version (a dozen small ops, each with its backward
+    node) cost more than the arithmetic. With p the target distribution (one-hot for hard
+    targets) and q the softmax of the logits, d loss / d logits = q * sum(p) - p; the queries'
+    gradient is that times the gathered senses, then through the similarity's query transform
+    (`sense_queries`) and scattered back to the positions. Positions are processed `chunk` at a
+    time; with more than one chunk the senses are gathered again in backward instead of kept,
+    so memory stays bounded by one chunk. Returns (loss, logits); logits are for statistics.
+    """
+
+    @staticmethod
+    def forward(ctx, flat_states, index, rows, target, centres, sense_mask, soft_ids, soft_probs,
+                temperature: float, similarity: str, chunk: int):
+        states = flat_states.index_select(0, index).float()
+        queries = sense_queries(states, similarity)
+        n = index.numel()
+        losses, all_logits, all_log_q, all_p, kept = [], [], [], [], None
+        for start in range(0, n, chunk):
+            part = slice(start, start + chunk)
+            senses = _gather_senses(centres, rows[part])
+            # fp32 logits even when the student runs in bf16: the softmax over close senses needs the precision.
+            logits = torch.bmm(queries[part, None, :], senses.transpose(1, 2)).squeeze(1)
+            if temperature != 1.0:
+                logits.div_(temperature)
+            logits.masked_fill_(~sense_mask.index_select(0, rows[part]), float("-inf"))
+            log_q = torch.log_softmax(logits, dim=-1)
+            if soft_ids is None:
+                losses.append(-log_q.gather(1, target[part, None]).sum())
+            else:
+                p = soft_target_distribution(soft_ids[part], soft_probs[part], logits.shape[1])
+                terms = p * (torch.log(p.clamp_min(1e-12)) - log_q)
+                losses.append(torch.where(p > 0, terms, torch.zeros_like(terms)).sum())
+                all_p.append(p)
+            all_logits.append(logits)
+            all_log_q.append(log_q)
+            kept = senses if chunk >= n else None
+        cat = (lambda parts: parts[0] if len(parts) == 1 else torch.cat(parts))
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+        loss = loss.to(torch.promote_types(loss.dtype, flat_states.dtype))  # fp32, or fp64 for fp64 states
+        logits, log_q = cat(all_logits), cat(all_log_q)
+        p = cat(all_p) if all_p else None
+        ctx.save_for_backward(index, rows, target, centres, log_q, p, kept, states)
+        ctx.settings = (temperature, similarity, chunk, flat_states.shape, flat_states.dtype)
+        ctx.mark_non_differentiable(logits)
+        return loss, logits
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logits):
+        index, rows, target, centres, log_q, p, kept, states = ctx.saved_tensors
+        temperature, similarity, chunk, shape, dtype = ctx.settings
+        grad = log_q.exp()
+        if p is None:
+            grad.scatter_add_(1, target[:, None], torch.full_like(grad[:, :1], -1.0))
+        else:
+            grad = grad * p.sum(-1, keepdim=True) - p
+        grad.mul_(grad_loss / temperature)
+        parts = []
+        for start in range(0, index.numel(), chunk):
+            part = slice(start, start + chunk)
+            senses = kept if kept is not None else _gather_senses(centres, rows[part])
+            parts.append(torch.bmm(grad[part, None, :], senses).squeeze(1))
+        grad_queries = parts[0] if len(parts) == 1 else torch.cat(parts)
+        grad_states = _query_backward(states, grad_queries, similarity)
+        grad_flat = torch.zeros(shape, dtype=dtype, device=grad.device).index_add_(0, index, grad_states.to(dtype))
+        return grad_flat, None, None, None, None, None, None, None, None, None, None
 
 
-def soft_kl_sum(log_q, soft_ids, soft_probs):
-    """Sum over positions of KL(p || q), p = the teacher's top-k probabilities renormalised to 1."""
+def _gather_senses(centres, rows):
+    """[N, K, D] fp32 senses of N dictionary rows. index_select, not centres[rows]: advanced
+    indexing is several times slower on CPU."""
+    return centres.index_select(0, rows).float()
+
+
+def _query_backward(states, grad_queries, similarity: str):
+    """Gradient w.r.t. the states given the gradient w.r.t. `sense_queries(states, similarity)`."""
+    if similarity == "l2":
+        return grad_queries[:, :-1]
+    if similarity == "cos":
+        norm = states.norm(dim=-1, keepdim=True)
+        unit = states / norm.clamp_min(1e-12)
+        radial = (unit * grad_queries).sum(-1, keepdim=True)
+        # Below the clamp the query is states / 1e-12, a linear map, so no radial part.
+        return torch.where(norm > 1e-12, (grad_queries - unit * radial) / norm.clamp_min(1e-12), grad_queries / 1e-12)
+    return grad_queries
+
+
+def soft_target_distribution(soft_ids, soft_probs, k_max: int):
+    """Dense [N, K] teacher distribution from its top-k (ids -1 = unused), renormalised to sum 1."""
     valid = soft_ids >= 0
-    p = torch.where(valid, soft_probs.float(), torch.zeros_like(soft_probs, dtype=torch.float32))
-    p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
-    log_q_at = log_q.gather(1, soft_ids.clamp_min(0).long())
-    log_p = torch.log(p.clamp_min(1e-12))
-    return torch.where(valid & (p > 0), p * (log_p - log_q_at), torch.zeros_like(p)).sum()
+    probs = torch.where(valid, soft_probs.float(), torch.zeros_like(soft_probs, dtype=torch.float32))
+    probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-12)
+    dense = torch.zeros(soft_ids.shape[0], k_max, dtype=torch.float32, device=soft_ids.device)
+    return dense.scatter_add_(1, soft_ids.clamp_min(0).long(), probs)
 
 
 def sense_kd_loss(student_states, input_ids, targets, centres, sense_mask, token_to_row,
@@ -100,36 +170,33 @@ def sense_kd_loss(student_states, input_ids, targets, centres, sense_mask, token
     sense_mask [T, K], token_to_row [V] from SenseDictionary.padded. With soft_ids/soft_probs
     [B, L, k] the loss is KL to the teacher's top-k (student logits / temperature, times
     temperature^2 as in Hinton et al.). chunk_positions > 0 processes that many positions at a
-    time and recomputes each chunk's gather in backward, so memory is bounded by one chunk.
-    Stats are 0-dim tensors (no host sync); a batch without labels gives a zero loss that
-    still reaches every parameter, so DeepSpeed's backward runs the same on every rank.
+    time and gathers each chunk's senses again in backward, so memory is bounded by one chunk.
+    Stats are 0-dim tensors; a batch without labels gives a zero loss that still reaches every
+    parameter, so DeepSpeed's backward runs the same on every rank.
     For similarity cos or l2, `centres` must come from `sense_table(centres, similarity)`.
     """
     d = student_states.shape[-1]
     index, rows = labelled_positions(input_ids, targets, token_to_row)
-    states = sense_queries(student_states.reshape(-1, d)[index], similarity)
-    target = targets.reshape(-1)[index].long()
+    n = index.numel()
+    if n == 0:
+        zero = torch.zeros((), dtype=torch.long, device=student_states.device)
+        return student_states.sum() * 0.0, {"correct_top1": zero, "correct_top5": zero.clone(), "n": zero.clone()}
+    target = targets.reshape(-1).index_select(0, index).long()
     soft_i = soft_p = None
     if soft_ids is not None:
-        soft_i = soft_ids.reshape(-1, soft_ids.shape[-1])[index].long()
-        soft_p = soft_probs.reshape(-1, soft_probs.shape[-1])[index]
-    n = index.numel()
-    step = chunk_positions if 0 < chunk_positions < n else max(n, 1)
-    total = student_states.sum() * 0.0
-    top1 = torch.zeros((), dtype=torch.long, device=student_states.device)
-    top5 = torch.zeros_like(top1)
-    for start in range(0, n, step):
-        part = slice(start, start + step)
-        args = (states[part], rows[part], target[part], centres, sense_mask,
-                None if soft_i is None else soft_i[part], None if soft_p is None else soft_p[part], temperature)
-        if step < n and torch.is_grad_enabled():
-            loss, hit1, hit5 = checkpoint(_chunk_terms, *args, use_reentrant=False)
-        else:
-            loss, hit1, hit5 = _chunk_terms(*args)
-        total = total + loss
-        top1, top5 = top1 + hit1, top5 + hit5
-    mean = total / max(n, 1)
-    return mean, {"correct_top1": top1, "correct_top5": top5, "n": torch.tensor(n, device=student_states.device)}
+        soft_i = soft_ids.reshape(-1, soft_ids.shape[-1]).index_select(0, index).long()
+        soft_p = soft_probs.reshape(-1, soft_probs.shape[-1]).index_select(0, index)
+    chunk = chunk_positions if 0 < chunk_positions < n else n
+    total, logits = _SenseLoss.apply(student_states.reshape(-1, d), index, rows, target, centres, sense_mask,
+                                     soft_i, soft_p, temperature, similarity, chunk)
+    if soft_ids is not None:
+        total = total * temperature**2
+    with torch.no_grad():
+        # Rank of the target among its token's senses (ties count in its favour); padded senses
+        # are -inf, so a token with fewer than 5 senses always counts as a top-5 hit.
+        above = (logits > logits.gather(1, target[:, None])).sum(-1)
+        top1, top5 = (above == 0).sum(), (above < TOP_K_AGREEMENT).sum()
+    return total / n, {"correct_top1": top1, "correct_top5": top5, "n": torch.tensor(n, device=student_states.device)}
 
 
 def mse_loss(student_states, teacher_states, mask):
