@@ -63,6 +63,10 @@ class LabelSink:
     def __init__(self, dictionary: SenseDictionary, cfg: RunConfig):
         self.dictionary, self.cfg = dictionary, cfg.label
 
+    def write_batch(self, writer, windows: list[corpus.Window], states: np.ndarray, counters: dict[str, Counter]) -> None:
+        for window, window_states in zip(windows, states):
+            self.write(writer, window, window_states[: len(window.input_ids)], counters)
+
     def write(self, writer, window: corpus.Window, states: np.ndarray, counters: dict[str, Counter]) -> None:
         ids = np.asarray(window.input_ids, dtype=np.int64)
         scores = self.dictionary.scores(ids, states, self.cfg.similarity)

@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
+import torch
 from tqdm import tqdm
 
 from . import corpus, dist
@@ -29,10 +30,11 @@ from .teacher import Teacher, run_lockstep
 
 
 class Sink(Protocol):
-    """What a stage does with each window's teacher states."""
+    """What a stage does with a batch's teacher states."""
 
-    def write(self, writer: RankShardWriter, window: corpus.Window, states, counters: dict[str, Counter]) -> None:
-        ...
+    def write_batch(self, writer: RankShardWriter, windows: list[corpus.Window], states,
+                    counters: dict[str, Counter]) -> None:
+        """`states` [B, L, d] float32 numpy, row i valid for its window's len(input_ids) positions."""
 
 
 class RankProgress:
@@ -101,16 +103,19 @@ def run_pass(
     pending: dict[str, Counter] = {}
 
     def write_batch(windows: list, states) -> None:
-        for window, window_states in zip(windows, states):
-            sink.write(writer, window, window_states[: len(window.input_ids)], pending)
-            pending.setdefault("totals", Counter()).update(windows=1, tokens=sum(window.owned))
+        sink.write_batch(writer, windows, states, pending)
+        pending.setdefault("totals", Counter()).update(windows=len(windows), tokens=sum(sum(w.owned) for w in windows))
+        for _ in windows:
             crash_point(f"{prefix}.window")
 
     n_windows, start, step = 0, time.time(), 0
-    # Sampling, encoding and shard writing run on one background thread while the next batch is
-    # forwarded; in order (one worker), so shards are the same, and drained at every pool's end,
-    # the only place a shard may close.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{prefix}-writer") as background:
+    # With a GPU teacher the CPU is idle during the forward: sampling, encoding and shard writing
+    # run on one background thread meanwhile, in order (one worker, so the shards are the same)
+    # and drained at every pool's end, the only place a shard may close. A CPU forward already
+    # keeps every core busy; a writer thread only contends with it (measured slower), so inline.
+    overlap = torch.device(teacher.device).type == "cuda"
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{prefix}-writer") if overlap else _Inline()
+    with executor as background:
         in_flight = []
         for batch, hidden in run_lockstep(teacher, batches, lambda b: corpus.batch_windows(b.windows, pad), batch_size):
             in_flight.append(background.submit(write_batch, batch.windows, hidden.cpu().numpy()))
@@ -136,6 +141,21 @@ def run_pass(
         progress.commit(writer.written[-1] if len(writer.written) > closed else None, n_windows, pending)
     bar.close()
     tb.close()
+
+
+class _Inline:
+    """An executor that runs each job when it is submitted."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def submit(self, fn, *args) -> Future:
+        done: Future = Future()
+        done.set_result(fn(*args))
+        return done
 
 
 def _skip(windows, n: int):

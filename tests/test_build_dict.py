@@ -48,12 +48,8 @@ def make_hidden_dir(run_dir: Path, dtype="fp16", samples=24, per_sample=20, extr
         hidden = hidden + rng.normal(0, 0.05, hidden.shape) * np.isin(tokens, list(senses))[:, None]
         doc = {"doc": i, "window": 0, "start": 0, "text": " ".join(words),
                "spans": [[int(s), int(s) + len(w)] for s, w in zip(starts, words)]}
-        writers[i % extract_ranks].write(f"d{i:05d}", {
-            "tokens.npy": shards.npy_bytes(tokens.astype(np.int32)),
-            "hidden.npy": shards.npy_bytes(shards.encode_hidden(hidden, dtype)),
-            "pos.npy": shards.npy_bytes(np.arange(1, per_sample + 1, dtype=np.int32)),
-            "doc.json": json.dumps(doc).encode(),
-        })
+        writers[i % extract_ranks].write(f"d{i:05d}", shards.hidden_sample(
+            shards.encode_hidden(hidden, dtype), tokens, np.arange(1, per_sample + 1), doc))
         for t in tokens.tolist():
             kept[str(t)] = kept.get(str(t), 0) + 1
     for w in writers:

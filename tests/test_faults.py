@@ -23,7 +23,7 @@ def test_nonfinite_states_are_counted_and_never_stored(tmp_path):
     states[3, 0] = np.inf
     writer = shards.RankShardWriter(tmp_path, "hidden", 0, max_samples=10)
     counters: dict[str, Counter] = {}
-    HiddenSink(np.ones(100), seed=0, hidden_dtype="fp32").write(writer, window(), states, counters)
+    HiddenSink(np.ones(100), seed=0, hidden_dtype="fp32").write_batch(writer, [window()], states[None], counters)
     writer.close()
     assert counters["totals"]["nonfinite"] == 2
     (sample,) = shards.iter_hidden([tmp_path / writer.written[0]["file"]], "fp32")
