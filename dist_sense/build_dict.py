@@ -221,7 +221,7 @@ def build_tile(tile: int, plan: TilePlan, spill: "TileSpill", comm: Collectives,
     del rows
     meta = meta[order]
     result = kmeans.cluster_tile(local, kcfg, comm.allreduce, comm.allgather, xp, seed=tile,
-                                 on_iteration=metrics.iteration)
+                                 on_iteration=metrics.iteration, share=(comm.rank, comm.world))
     picked = kmeans.nearest_rows_per_sense(local, result, kcfg.examples_per_sense)
     candidates = (local.slots[picked], backend.to_host(result.labels)[picked],
                   backend.to_host(result.distances)[picked], local.priority[picked],

@@ -18,12 +18,14 @@ from typing import Callable
 import numpy as np
 
 from .backend import to_device, to_host
-from .kmeans_start import (Subsample, distinct_vectors, gather_subsample, kmeans_plusplus, rank_in_group,  # noqa: F401
+from .kmeans_start import (Subsample, distinct_vectors, gather_subsample, kmeans_plusplus, rank_in_group, share_tokens,  # noqa: F401
                            reseed_empty, size_classes)
 from .mcl import mcl_cluster_counts, senses_from_mcl
 
 Collective = Callable[[np.ndarray], np.ndarray]
 CHUNK_ELEMENTS = 1 << 25
+PAD_RATIO = 2 ** 0.5
+"""Lloyd's chunks group tokens whose row counts differ by under this factor (padding < 30%)."""
 """Floats in one padded chunk of gathered vectors (bounds the assignment's temporaries)."""
 
 
@@ -86,7 +88,7 @@ def make_local_tile(vectors: np.ndarray, slots, priority, n_tokens: int, xp, sph
         rows = rows / xp.maximum(xp.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
     offsets = np.zeros(n_tokens + 1, dtype=np.int64)
     np.cumsum(np.bincount(slots, minlength=n_tokens), out=offsets[1:])
-    tile = LocalTile(rows, slots[order], priority[order], offsets, (rows * rows).sum(axis=1))
+    tile = LocalTile(rows, slots[order], priority[order], offsets, xp.einsum("ij,ij->i", rows, rows))  # no [N, d] temporary
     return tile, order
 
 
@@ -126,7 +128,7 @@ def plan_chunks(offsets: np.ndarray, d: int, xp, budget: int | None = None, toke
         index_of[tokens] = np.arange(len(tokens))
     present = np.flatnonzero((counts > 0) & (index_of >= 0))
     chunks = []
-    for group in size_classes(counts[present]):
+    for group in size_classes(counts[present], PAD_RATIO):
         members = present[group]
         width = int(counts[members].max())
         per_chunk = max(1, budget // (width * d))
@@ -293,11 +295,13 @@ def order_senses(centres, valid, counts: np.ndarray, labels, slots: np.ndarray, 
 
 
 def cluster_tile(local: LocalTile, cfg, allreduce: Collective = identity, allgather: Collective = identity, xp=np,
-                 seed: int = 0, k=None, on_iteration=None) -> TileResult:
+                 seed: int = 0, k=None, on_iteration=None, share: tuple[int, int] = (0, 1)) -> TileResult:
     """Senses of every token of a tile: choose k, seed, iterate, count. Same result on every rank.
 
     `cfg` is a KMeansConfig; `seed` (the tile number) and cfg.seed seed k-means++;
-    `k` (int or [T]) overrides the k policy (for tests and experiments).
+    `k` (int or [T]) overrides the k policy (for tests and experiments). `share` is
+    (rank, world): each rank seeds and deduplicates its share of the tokens (see
+    kmeans_start.share_tokens); (0, 1), or the same on every rank, does all of it everywhere.
     """
     n_tokens, d = local.n_tokens, int(local.vectors.shape[1])
     per_token = allreduce(np.bincount(local.slots, minlength=n_tokens).astype(np.int64))
@@ -319,14 +323,16 @@ def cluster_tile(local: LocalTile, cfg, allreduce: Collective = identity, allgat
     small_slots = np.flatnonzero(small)
     if len(small_slots):
         at = to_device(small_slots, xp)
-        centres[at], valid[at] = distinct_vectors(gather_subsample(local, per_token, allgather, xp, small_slots), k_max, xp)
+        sub = gather_subsample(local, per_token, allgather, xp, small_slots)
+        centres[at], valid[at] = share_tokens(len(small_slots), share, allgather, xp, lambda mine: distinct_vectors(
+            Subsample(sub.points[mine], sub.mask[mine], sub.counts[mine]), k_max, xp))
     big = np.flatnonzero(per_token > k)
     groups, group_centres, group_valid, order, first = [], [], [], [], 0
     rng = np.random.default_rng([cfg.seed, seed])
     for members in size_classes(np.maximum(np.minimum(per_token[big], cfg.subsample), k[big])):
         slots = big[members]
         sub = gather_subsample(local, np.maximum(cap, k), allgather, xp, slots)
-        c, v = kmeans_plusplus(sub, k[slots], rng, xp)
+        c, v = kmeans_plusplus(sub, k[slots], rng, xp, share, allgather)
         group_centres.append(xp.pad(c, ((0, 0), (0, k_max - c.shape[1]), (0, 0))))
         group_valid.append(xp.pad(v, ((0, 0), (0, k_max - v.shape[1]))))
         groups.append((sub, first, first + len(slots)))

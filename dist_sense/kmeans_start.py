@@ -94,30 +94,44 @@ def _sq_distances(points, sq, centres, xp):
     return xp.maximum(sq[:, :, None] - 2 * cross + (centres * centres).sum(-1)[:, None, :], 0)
 
 
-def kmeans_plusplus(sub: Subsample, k: np.ndarray, rng: np.random.Generator, xp):
+def kmeans_plusplus(sub: Subsample, k: np.ndarray, rng: np.random.Generator, xp, share: tuple[int, int] = (0, 1),
+                    allgather: Callable[[np.ndarray], np.ndarray] = lambda a: a):
     """Greedy k-means++ on each token's subsample, one vectorised step per centre index.
 
     As in scikit-learn, each step draws 2 + log(k) candidates with probability
     proportional to D^2 and keeps the one that lowers the potential most. Draws come
     from `rng` on the host, so every rank and backend makes the same choices. A token
-    runs out of centres early when its points are all taken (potential 0).
+    runs out of centres early when its points are all taken (potential 0). With `share`
+    (rank, world), each rank seeds every world-th token and `allgather` assembles them:
+    every rank draws the whole group's numbers first, so the result is that of one rank.
     """
-    points, mask = sub.points, sub.mask
-    n_tokens, width, d = points.shape
+    n_tokens = sub.points.shape[0]
     k_max = max(1, int(k.max(initial=1)))
-    trials = 2 + int(math.log(k_max))
+    # One stream for the whole group, in the order a single sequential run consumes it.
+    first = rng.random(n_tokens)
+    steps = rng.random((k_max - 1, n_tokens, 2 + int(math.log(k_max))))
+
+    def seed(mine):
+        return _plusplus(sub.points[mine], sub.mask[mine], sub.counts[mine], k[mine], first[mine], steps[:, mine],
+                         k_max, xp)
+
+    return share_tokens(n_tokens, share, allgather, xp, seed)
+
+
+def _plusplus(points, mask, counts: np.ndarray, k: np.ndarray, first_draw, step_draws, k_max: int, xp):
+    n_tokens, width, d = points.shape
     tokens = xp.arange(n_tokens)
     sq = (points * points).sum(-1)
-    k_dev, n_valid = to_device(k, xp), to_device(sub.counts, xp)
+    k_dev, n_valid = to_device(k, xp), to_device(counts, xp)
     centres = xp.zeros((n_tokens, k_max, d), dtype=xp.float32)
     valid = xp.zeros((n_tokens, k_max), dtype=bool)
-    first = to_device(np.minimum(rng.random(n_tokens) * sub.counts, np.maximum(sub.counts - 1, 0)).astype(np.int64), xp)
+    first = to_device(np.minimum(first_draw * counts, np.maximum(counts - 1, 0)).astype(np.int64), xp)
     centres[:, 0] = points[tokens, first]
     valid[:, 0] = (n_valid > 0) & (k_dev > 0)
     closest = _sq_distances(points, sq, centres[:, :1], xp)[:, :, 0] * mask
     for j in range(1, k_max):
         potential = closest.sum(axis=1)
-        draws = to_device(rng.random((n_tokens, trials)), xp) * potential[:, None]
+        draws = to_device(step_draws[j - 1], xp) * potential[:, None]
         cumulative = xp.cumsum(closest, axis=1)
         pick = (cumulative[:, None, :] < draws[:, :, None]).sum(axis=-1)
         pick = xp.minimum(pick, xp.maximum(n_valid - 1, 0)[:, None])
@@ -129,6 +143,27 @@ def kmeans_plusplus(sub: Subsample, k: np.ndarray, rng: np.random.Generator, xp)
         closest = xp.where(active[:, None], trial[tokens, :, best], closest)
         valid[:, j] = active
     return centres, valid
+
+
+def share_tokens(n_tokens: int, share: tuple[int, int], allgather, xp, compute):
+    """compute(index) for this rank's share of n tokens (every world-th), then every rank holds all rows.
+
+    `compute` returns a tuple of arrays with one row per indexed token. Per-token work
+    that would otherwise run identically on every rank (seeding, deduplication) is split
+    this way, so it shrinks with the number of ranks instead of staying constant.
+    """
+    rank, world = share
+    if world == 1:
+        return compute(slice(None))
+    mine = np.arange(rank, n_tokens, world)
+    order = np.concatenate([np.arange(r, n_tokens, world) for r in range(world)])
+    result = []
+    for part in compute(mine):
+        gathered = allgather(to_host(part))
+        whole = np.empty_like(gathered)
+        whole[order] = gathered
+        result.append(to_device(whole, xp))
+    return tuple(result)
 
 
 def distinct_vectors(sub: Subsample, k_max: int, xp):
@@ -151,13 +186,13 @@ def distinct_vectors(sub: Subsample, k_max: int, xp):
     return to_device(centres, xp), to_device(valid, xp)
 
 
-def size_classes(sizes: np.ndarray) -> list[np.ndarray]:
-    """Indices of `sizes` grouped by power-of-two class, smallest class first.
+def size_classes(sizes: np.ndarray, ratio: float = 2.0) -> list[np.ndarray]:
+    """Indices of `sizes` grouped by classes [ratio^c, ratio^(c+1)), smallest class first.
 
-    Padding a group to its largest member then wastes under half of it, where one
+    Padding a group to its largest member then wastes under 1 - 1/ratio of it, where one
     padded block for a whole tile would pad every token to the tile's largest.
     """
-    classes = np.floor(np.log2(np.maximum(sizes, 1))).astype(np.int64)
+    classes = np.floor(np.log(np.maximum(sizes, 1)) / math.log(ratio) + 1e-9).astype(np.int64)
     return [np.flatnonzero(classes == c) for c in np.unique(classes)]
 
 

@@ -222,3 +222,36 @@ def test_duplicate_points_give_fewer_senses_not_empty_ones():
     result = kmeans.cluster_tile(local, config(k=5), xp=np)
     assert result.valid.sum() == 2 and result.counts[0, :2].tolist() == [20, 20]
     assert result.inertia == 0
+
+
+def test_kmeans_plusplus_split_over_ranks_equals_one_rank(mixture):
+    """Each of 3 ranks seeds every 3rd token; after the allgather all hold the one-rank start."""
+    import threading
+
+    tokens, vectors, slots, priority, ks = mixture
+    whole, _ = kmeans.make_local_tile(vectors, slots, priority, len(tokens), np)
+    sub = kmeans.gather_subsample(whole, np.full(len(tokens), 300), kmeans.identity, np)
+    k = np.asarray(ks)
+    single = kmeans.kmeans_plusplus(sub, k, np.random.default_rng(7), np)
+    world, barrier, parts, results = 3, threading.Barrier(3), {}, {}
+
+    def allgather_for(rank):
+        def allgather(array):
+            parts[rank] = array
+            barrier.wait()
+            out = np.concatenate([parts[r] for r in range(world)])
+            barrier.wait()
+            return out
+        return allgather
+
+    def run(rank):
+        results[rank] = kmeans.kmeans_plusplus(sub, k, np.random.default_rng(7), np, (rank, world), allgather_for(rank))
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for rank in range(world):
+        np.testing.assert_array_equal(results[rank][0], single[0])
+        np.testing.assert_array_equal(results[rank][1], single[1])
