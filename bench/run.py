@@ -28,9 +28,19 @@ def render(results: dict) -> str:
                   "| figure | value | target |", "|---|---|---|"]
         for key, value in entry["figures"].items():
             shown = f"{value:.3g}" if isinstance(value, float) else json.dumps(value) if isinstance(value, list) else value
-            lines.append(f"| {key} | {shown} | {entry['targets'].get(key, '')} |")
+            target = entry["targets"].get(key, "")
+            lines.append(f"| {key} | {shown} | {target}{verdict(value, target)} |")
         lines.append("")
     return "\n".join(lines + gpu_section())
+
+
+def verdict(value, target: str) -> str:
+    """' (met)' or ' (not met)' for a target written '>= x' or '<= x'; '' otherwise."""
+    op, _, threshold = target.partition(" ")
+    if op not in (">=", "<=") or not isinstance(value, (int, float)):
+        return ""
+    met = value >= float(threshold) if op == ">=" else value <= float(threshold)
+    return " (met)" if met else " (not met)"
 
 
 def describe(name: str) -> list[str]:
