@@ -5,7 +5,9 @@ text, up to 1000 per token (the reference's cap), every token with >= MIN_VECTOR
 them; k = 20 for all, as the reference's GLUE setting. Baselines, each called once per
 token in a Python loop as the reference does: sklearn KMeans(k-means++, n_init=1) and
 faiss-cpu Kmeans. speedup = baseline seconds / ours; inertia_ratio = our total inertia
-/ the baseline's (<= 1.01 means no worse clusters). Seconds are the best of 3 alternating rounds.
+/ the baseline's (<= 1.01 means no worse clusters). Seconds are the best of 3 alternating rounds,
+in one process whose allocator keeps freed memory (backend.retain_freed_memory, as build_dict
+sets it), for all three alike.
 """
 from __future__ import annotations
 
@@ -57,6 +59,9 @@ def faiss_loop(per_token: dict) -> tuple[float, float]:
 
 def main() -> dict:
     common.single_process_env()
+    from dist_sense.backend import retain_freed_memory
+
+    retain_freed_memory()  # as build_dict does; the process's allocator, so for all three alike
     per_token = common.per_token_vectors(common.teacher_run(), MIN_VECTORS)
     # Alternating rounds, best of ROUNDS each: first-call costs and drift in machine load hit all alike.
     rounds = {"ours": [], "sklearn": [], "faiss": []}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import subprocess
 import sys
 import time
 
@@ -72,9 +73,12 @@ def gpu_section() -> list[str]:
 
 def main(names: list[str]) -> None:
     for name in names or BENCHMARKS:
-        module = importlib.import_module(f"bench.{name}")
+        if name not in BENCHMARKS:
+            raise SystemExit(f"unknown benchmark {name!r}: choose from {', '.join(BENCHMARKS)}")
         start = time.time()
-        module.main()
+        # Each in a fresh interpreter: thread pools, process groups and allocator state left by
+        # one benchmark (torch, DeepSpeed, BLAS) measurably slowed the next in a shared process.
+        subprocess.run([sys.executable, "-m", f"bench.{name}"], cwd=common.ROOT, check=True)
         print(f"{name} took {time.time() - start:.0f}s", flush=True)
     results = json.loads(common.RESULTS.read_text())
     (common.ROOT / "docs" / "benchmarks.md").write_text(render(results))

@@ -60,3 +60,23 @@ def synchronize(xp) -> None:
     """Wait for queued GPU work (for honest timings); nothing to do on numpy."""
     if xp is not np:
         xp.cuda.get_current_stream().synchronize()
+
+
+def retain_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 << 30) -> bool:
+    """Ask glibc to keep freed host memory for reuse instead of returning it to the OS.
+
+    The k-means loop allocates the same large arrays (gathered rows, [t, n, K] products)
+    tile after tile. By default glibc maps every block over 128 KiB (adaptively up to
+    32 MiB) freshly and unmaps it on free, so each reuse pays a page fault per 4 KiB; on
+    the 2-core VM of docs/benchmarks.md that was about a third of the k-means time. Blocks
+    up to `mmap_threshold` then come from the heap, which keeps up to `trim_threshold`
+    bytes of freed memory. Returns False where this is not glibc.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameter numbers
+    return bool(libc.mallopt(m_mmap_threshold, mmap_threshold)) and bool(libc.mallopt(m_trim_threshold, trim_threshold))

@@ -37,6 +37,7 @@ def run(cfg) -> Path:
     """Build (or finish) RUN/dictionary from RUN/hidden; returns the dictionary directory."""
     comm = Collectives.from_env()
     xp = backend.get_xp(comm.local_rank)
+    backend.retain_freed_memory()  # the tile loop reallocates the same large arrays
     hidden_dir, out_dir = cfg.run_path / "hidden", cfg.run_path / "dictionary"
     hidden = read_hidden_manifest(hidden_dir)
     plan = plan_tiles(hidden, cfg.kmeans)

@@ -255,3 +255,21 @@ def test_kmeans_plusplus_split_over_ranks_equals_one_rank(mixture):
     for rank in range(world):
         np.testing.assert_array_equal(results[rank][0], single[0])
         np.testing.assert_array_equal(results[rank][1], single[1])
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_freed_blocks_stay_in_the_heap_after_allocator_tuning():
+    import ctypes
+
+    from dist_sense.backend import retain_freed_memory
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = Mallinfo2
+    assert retain_freed_memory()
+    block = np.ones(100 << 20, dtype=np.uint8)  # 100 MiB: mmapped and unmapped on free without the tuning
+    del block
+    assert libc.mallinfo2().fordblks >= 100 << 20  # freed, but kept by the heap for the next tile
