@@ -47,7 +47,8 @@ def run(cfg) -> Path:
     log.info("%d tiles of up to %d tokens, %d to build, %d ranks on %s", len(plan.tiles), cfg.kmeans.tile_tokens,
              len(todo), comm.world, backend.name(xp))
     if todo:
-        files = sorted(s["file"] for s in hidden["shards"])[comm.rank :: comm.world]
+        files = sorted(s["file"] for s in hidden["shards"])
+        files = assign_shards(files, [(hidden_dir / f).stat().st_size for f in files], comm.world)[comm.rank]
         spill = TileSpill(out_dir / ".work" / f"rank-{comm.rank:03d}", hidden["dtype"], int(hidden["d"]))
         spill.fill([hidden_dir / f for f in files], plan, todo, cfg.kmeans.seed)
         metrics = Metrics(cfg.run_path / "tb" / "kmeans", enabled=comm.rank == 0)
@@ -63,6 +64,21 @@ def run(cfg) -> Path:
         log.info("wrote %s", out_dir / "index.json")
     comm.barrier()
     return out_dir
+
+
+def assign_shards(files: list[str], sizes: list[int], world: int) -> list[list[str]]:
+    """Shards per rank, balanced by bytes: largest first, each to the least-loaded rank.
+
+    Every rank reads its shards before the first tile's collective, so the most loaded
+    rank sets when all of them start; a rank's last shard is often short, which plain
+    round-robin ignores. Deterministic: ties go to the lower rank, files in name order.
+    """
+    loads, shares = [0] * world, [[] for _ in range(world)]
+    for size, name in sorted(zip(sizes, files), key=lambda pair: (-pair[0], pair[1])):
+        rank = loads.index(min(loads))
+        loads[rank] += size
+        shares[rank].append(name)
+    return [sorted(share) for share in shares]
 
 
 # ----------------------------------------------------------------------------- collectives

@@ -260,3 +260,18 @@ def test_killed_rank_then_rerun_gives_byte_identical_dictionary(tmp_path):
     assert files == sorted(p.name for p in runs["crashed"].iterdir() if p.is_file() and p.name != "index.json")
     for name in files:
         assert (runs["whole"] / name).read_bytes() == (runs["crashed"] / name).read_bytes(), name
+
+
+def test_shards_are_split_over_ranks_by_bytes():
+    from dist_sense.build_dict import assign_shards
+
+    files = [f"hidden-r{i % 2:03d}-{i // 2:06d}.tar" for i in range(4)]
+    sizes = [10, 1, 10, 1]  # two writer ranks, each with one full and one short shard
+    assert assign_shards(files, sizes, 2) == [[files[0], files[1]], [files[2], files[3]]]  # 11 bytes each
+    files = [f"hidden-r000-{i:06d}.tar" for i in range(12)]
+    sizes = [15, 15, 16, 15, 16, 17, 15, 15, 15, 16, 15, 10]
+    shares = assign_shards(files, sizes, 3)
+    assert sorted(f for share in shares for f in share) == files  # each shard read by exactly one rank
+    loads = [sum(sizes[files.index(f)] for f in share) for share in shares]
+    assert max(loads) - min(loads) <= max(sizes)
+    assert assign_shards(files, sizes, 3) == shares and all(assign_shards(files, sizes, 12))  # deterministic; all get work
