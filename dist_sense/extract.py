@@ -8,7 +8,6 @@ RUN/hidden/manifest.json, written last. Resume and lockstep live in teacher_pass
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 

@@ -24,9 +24,9 @@ from .mcl import mcl_cluster_counts, senses_from_mcl
 
 Collective = Callable[[np.ndarray], np.ndarray]
 CHUNK_ELEMENTS = 1 << 25
+"""Floats in one padded chunk of gathered vectors (bounds the assignment's temporaries)."""
 PAD_RATIO = 2 ** 0.5
 """Lloyd's chunks group tokens whose row counts differ by under this factor (padding < 30%)."""
-"""Floats in one padded chunk of gathered vectors (bounds the assignment's temporaries)."""
 
 
 def identity(array):

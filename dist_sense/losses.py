@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .config import SIMILARITIES
+
 TOP_K_AGREEMENT = 5
 
 
@@ -27,8 +29,6 @@ def labelled_positions(input_ids, targets, token_to_row):
     index = keep.nonzero(as_tuple=True)[0]
     return index, rows.index_select(0, index)
 
-
-SIMILARITIES = ("dot", "cos", "l2")
 
 
 def sense_table(centres, similarity: str):
@@ -57,9 +57,16 @@ def sense_queries(states, similarity: str):
 
 def sense_logits(states, rows, centres, sense_mask, temperature: float = 1.0):
     """[N, K] logits of N states against their tokens' padded senses; padding is -inf."""
-    senses = _gather_senses(centres, rows)  # [N, K, d]: the only tensor that grows with K * d
-    logits = torch.bmm(states.float()[:, None, :], senses.transpose(1, 2)).squeeze(1) / temperature
-    return logits.masked_fill(~sense_mask.index_select(0, rows), float("-inf"))
+    return _masked_logits(states.float(), _gather_senses(centres, rows), sense_mask.index_select(0, rows), temperature)
+
+
+def _masked_logits(queries, senses, mask, temperature: float):
+    """[N, K] logits of fp32 queries [N, D] against gathered senses [N, K, D]; -inf where `mask` is off."""
+    # fp32 logits even when the student runs in bf16: the softmax over close senses needs the precision.
+    logits = torch.bmm(queries[:, None, :], senses.transpose(1, 2)).squeeze(1)
+    if temperature != 1.0:
+        logits.div_(temperature)
+    return logits.masked_fill_(~mask, float("-inf"))
 
 
 class _SenseLoss(torch.autograd.Function):
@@ -85,12 +92,8 @@ class _SenseLoss(torch.autograd.Function):
         losses, all_logits, all_log_q, all_p, kept = [], [], [], [], None
         for start in range(0, n, chunk):
             part = slice(start, start + chunk)
-            senses = _gather_senses(centres, rows[part])
-            # fp32 logits even when the student runs in bf16: the softmax over close senses needs the precision.
-            logits = torch.bmm(queries[part, None, :], senses.transpose(1, 2)).squeeze(1)
-            if temperature != 1.0:
-                logits.div_(temperature)
-            logits.masked_fill_(~sense_mask.index_select(0, rows[part]), float("-inf"))
+            senses = _gather_senses(centres, rows[part])  # [n, K, D]: the only tensor that grows with K * D
+            logits = _masked_logits(queries[part], senses, sense_mask.index_select(0, rows[part]), temperature)
             log_q = torch.log_softmax(logits, dim=-1)
             if soft_ids is None:
                 losses.append(-log_q.gather(1, target[part, None]).sum())

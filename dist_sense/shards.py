@@ -82,8 +82,8 @@ class SampleTar:
     """A tar of webdataset samples (members `key.ext`, a sample's members together, exts sorted).
 
     Writes the bytes webdataset.TarWriter(mtime=0) writes (tests/test_shards.py compares them),
-    building each ustar header directly: tarfile's per-member machinery cost over 100 us a
-    member, more than a third of the extract stage's CPU time outside the forward on the demo.
+    building each ustar header directly: tarfile's per-member machinery cost about 140 us a
+    four-member sample, more than a third of the extract sink's CPU time in the benchmark.
     """
 
     def __init__(self, path: str | os.PathLike):
