@@ -7,7 +7,6 @@ The DeepSpeed JSON files in ds_configs/ hold engine settings only; batch sizes l
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 import os
@@ -15,10 +14,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class ConfigError(ValueError):
-    """A config file, key or value that cannot be used; the message names it."""
-
+from .config_fields import (ConfigError, apply_override, build_dataclass, check_choice, check_nonnegative,  # noqa: F401 (ConfigError, field_docs: re-exported)
+                            check_positive, field_docs, read_json)
 
 DTYPES = ("fp32", "bf16", "fp16")
 SIMILARITIES = ("dot", "cos", "l2")
@@ -36,7 +33,7 @@ class ModelConfig:
     """Teacher compute dtype: fp32, bf16 or fp16."""
 
     def validate(self) -> None:
-        _check_choice("model.dtype", self.dtype, DTYPES)
+        check_choice("model.dtype", self.dtype, DTYPES)
 
 
 @dataclass
@@ -53,10 +50,10 @@ class CorpusConfig:
     """Read at most this many documents (0: all)."""
 
     def validate(self) -> None:
-        _check_positive("corpus.max_length", self.max_length)
+        check_positive("corpus.max_length", self.max_length)
         if not 0 <= self.stride < self.max_length:
             raise ConfigError(f"corpus.stride={self.stride}: must be >= 0 and < corpus.max_length={self.max_length}")
-        _check_nonnegative("corpus.max_documents", self.max_documents)
+        check_nonnegative("corpus.max_documents", self.max_documents)
 
 
 @dataclass
@@ -85,12 +82,12 @@ class ExtractConfig:
     """Directory for NVMe parameter offload (offload=nvme)."""
 
     def validate(self) -> None:
-        _check_positive("extract.cap", self.cap)
-        _check_positive("extract.batch_size", self.batch_size)
-        _check_positive("extract.shard_samples", self.shard_samples)
-        _check_choice("extract.hidden_dtype", self.hidden_dtype, DTYPES)
-        _check_choice("extract.offload", self.offload, ("none", "cpu", "nvme"))
-        _check_choice("extract.partition", self.partition, ("auto", "zero3", "replicate"))
+        check_positive("extract.cap", self.cap)
+        check_positive("extract.batch_size", self.batch_size)
+        check_positive("extract.shard_samples", self.shard_samples)
+        check_choice("extract.hidden_dtype", self.hidden_dtype, DTYPES)
+        check_choice("extract.offload", self.offload, ("none", "cpu", "nvme"))
+        check_choice("extract.partition", self.partition, ("auto", "zero3", "replicate"))
         if self.partition == "replicate" and self.offload != "none":
             raise ConfigError(f"extract.offload={self.offload} needs ZeRO-3: use extract.partition=auto or zero3")
         if self.offload == "nvme" and not self.nvme_path:
@@ -127,10 +124,10 @@ class KMeansConfig:
     """Example contexts stored per sense (the occurrences nearest its centre)."""
 
     def validate(self) -> None:
-        _check_choice("kmeans.k_policy", self.k_policy, ("fixed", "mcl"))
+        check_choice("kmeans.k_policy", self.k_policy, ("fixed", "mcl"))
         for name in ("k", "max_iter", "tile_tokens", "subsample", "min_count", "mcl_expansion", "mcl_iters"):
-            _check_positive(f"kmeans.{name}", getattr(self, name))
-        _check_nonnegative("kmeans.examples_per_sense", self.examples_per_sense)
+            check_positive(f"kmeans.{name}", getattr(self, name))
+        check_nonnegative("kmeans.examples_per_sense", self.examples_per_sense)
         if self.tol < 0:
             raise ConfigError(f"kmeans.tol={self.tol}: must be >= 0")
         if self.mcl_inflation <= 1:
@@ -157,10 +154,10 @@ class LabelConfig:
     """Also store the teacher's hidden states (fp16) per token, for the MSE distillation baseline."""
 
     def validate(self) -> None:
-        _check_choice("label.similarity", self.similarity, SIMILARITIES)
-        _check_positive("label.batch_size", self.batch_size)
-        _check_positive("label.shard_samples", self.shard_samples)
-        _check_nonnegative("label.soft_topk", self.soft_topk)
+        check_choice("label.similarity", self.similarity, SIMILARITIES)
+        check_positive("label.batch_size", self.batch_size)
+        check_positive("label.shard_samples", self.shard_samples)
+        check_nonnegative("label.soft_topk", self.soft_topk)
         if self.temperature <= 0:
             raise ConfigError(f"label.temperature={self.temperature}: must be > 0")
 
@@ -203,12 +200,12 @@ class DistillConfig:
     """DeepSpeed engine config (ZeRO-2)."""
 
     def validate(self) -> None:
-        _check_choice("distill.init", self.init, ("truncate", "model"))
-        _check_choice("distill.loss", self.loss, ("kd", "mse"))
+        check_choice("distill.init", self.init, ("truncate", "model"))
+        check_choice("distill.loss", self.loss, ("kd", "mse"))
         for name in ("layers", "global_batch_size", "micro_batch_size", "steps"):
-            _check_positive(f"distill.{name}", getattr(self, name))
+            check_positive(f"distill.{name}", getattr(self, name))
         for name in ("warmup_steps", "eval_every", "save_every"):
-            _check_nonnegative(f"distill.{name}", getattr(self, name))
+            check_nonnegative(f"distill.{name}", getattr(self, name))
         if self.lr <= 0:
             raise ConfigError(f"distill.lr={self.lr}: must be > 0")
         if not 0 <= self.eval_fraction < 1:
@@ -238,13 +235,13 @@ class EvalConfig:
     """The MSE-trained baseline student; empty means RUN/student_mse/final when it exists."""
 
     def validate(self) -> None:
-        _check_positive("eval.max_documents", self.max_documents)
-        _check_positive("eval.max_probe_examples", self.max_probe_examples)
+        check_positive("eval.max_documents", self.max_documents)
+        check_positive("eval.max_probe_examples", self.max_probe_examples)
         for task in self.probe_tasks:
             if "=" not in str(task):
                 raise ConfigError(f"eval.probe_tasks: {task!r} must be name=path.jsonl")
-        _check_positive("eval.batch_size", self.batch_size)
-        _check_choice("eval.similarity", self.similarity, SIMILARITIES)
+        check_positive("eval.batch_size", self.batch_size)
+        check_choice("eval.similarity", self.similarity, SIMILARITIES)
 
 
 @dataclass
@@ -277,17 +274,16 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "RunConfig":
-        return _build(cls, data, prefix="", source=source)
+        return build_dataclass(cls, data, prefix="", source=source)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> "RunConfig":
         """Read `path` (JSON; None for defaults), apply `key=value` overrides, validate."""
         data: dict = {}
         if path is not None:
-            data = _read_json(Path(path))
+            data = read_json(Path(path))
         for item in overrides:
-            key, value = _split_override(item)
-            _set_dotted(data, key, value)
+            apply_override(data, item)
         return cls.from_dict(data, source=str(path or "overrides")).validate()
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
@@ -298,22 +294,6 @@ class RunConfig:
         tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         os.replace(tmp, target)
         return target
-
-
-def field_docs(cls) -> dict[str, str]:
-    """Field name -> its docstring, read from the source (for `--help` listings)."""
-    import inspect
-
-    docs: dict[str, str] = {}
-    try:
-        tree = ast.parse(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return docs
-    body = tree.body[0].body
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())  # one line, however it was wrapped
-    return docs
 
 
 def describe() -> str:
@@ -329,97 +309,3 @@ def describe() -> str:
         else:
             lines.append(f"{f.name}={value!r}  # {field_docs(RunConfig).get(f.name, '')}")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a JSON object")
-    return data
-
-
-def _split_override(item: str) -> tuple[str, object]:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key=value (for example kmeans.k=10)")
-    key, raw = item.split("=", 1)
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw  # a bare string such as a path
-    return key.strip(), value
-
-
-def _set_dotted(data: dict, key: str, value) -> None:
-    parts = key.split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {key}: {part} is not a section")
-    node[parts[-1]] = value
-
-
-def _build(cls, data: dict, prefix: str, source: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be an object, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        valid = ", ".join(prefix + name for name in fields)
-        raise ConfigError(f"{source}: unknown key {prefix}{unknown[0]}; valid keys here: {valid}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for name, value in data.items():
-        kind = hints[name]
-        if dataclasses.is_dataclass(kind):
-            kwargs[name] = _build(kind, value, prefix + name + ".", source)
-        else:
-            kwargs[name] = _coerce(value, kind, prefix + name, source)
-    return cls(**kwargs)
-
-
-def _coerce(value, kind, key: str, source: str):
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-            return value.lower() in ("true", "1")
-    elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif kind is str:
-        return str(value)
-    elif kind is list or typing.get_origin(kind) is list:
-        if isinstance(value, list):
-            return value
-        if isinstance(value, str):
-            return [v for v in value.split(",") if v]
-    raise ConfigError(f"{source}: {key}={value!r} is not a valid {getattr(kind, '__name__', kind)}")
-
-
-def _check_positive(key: str, value) -> None:
-    if value <= 0:
-        raise ConfigError(f"{key}={value}: must be > 0")
-
-
-def _check_nonnegative(key: str, value) -> None:
-    if value < 0:
-        raise ConfigError(f"{key}={value}: must be >= 0")
-
-
-def _check_choice(key: str, value, choices) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r}: must be one of {', '.join(choices)}")
