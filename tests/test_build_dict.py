@@ -263,7 +263,7 @@ def test_killed_rank_then_rerun_gives_byte_identical_dictionary(tmp_path):
 
 
 def test_shards_are_split_over_ranks_by_bytes():
-    from dist_sense.build_dict import assign_shards
+    from dist_sense.tile_spill import assign_shards
 
     files = [f"hidden-r{i % 2:03d}-{i // 2:06d}.tar" for i in range(4)]
     sizes = [10, 1, 10, 1]  # two writer ranks, each with one full and one short shard
