@@ -14,9 +14,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import fused_loss
 from .config import SIMILARITIES
 
 TOP_K_AGREEMENT = 5
+# Which sense loss runs: "fused" (fused_loss: one compiled CPU pass, forward and backward),
+# "torch" (_SenseLoss below: batched torch ops, any device and precision), or "auto": fused for
+# CPU tensors of one precision (fp32/fp64) when the kernel builds, torch otherwise.
+IMPLEMENTATIONS = ("auto", "fused", "torch")
+IMPLEMENTATION = "auto"
 
 
 def labelled_positions(input_ids, targets, token_to_row):
@@ -166,7 +172,7 @@ def soft_target_distribution(soft_ids, soft_probs, k_max: int):
 
 def sense_kd_loss(student_states, input_ids, targets, centres, sense_mask, token_to_row,
                   soft_ids=None, soft_probs=None, chunk_positions: int = 0, temperature: float = 1.0,
-                  similarity: str = "dot"):
+                  similarity: str = "dot", implementation: str | None = None):
     """(mean loss over labelled positions, stats {correct_top1, correct_top5, n}) for one batch.
 
     student_states [B, L, d]; input_ids, targets [B, L] (target -1: ignore); centres [T, K, d],
@@ -177,7 +183,12 @@ def sense_kd_loss(student_states, input_ids, targets, centres, sense_mask, token
     Stats are 0-dim tensors; a batch without labels gives a zero loss that still reaches every
     parameter, so DeepSpeed's backward runs the same on every rank.
     For similarity cos or l2, `centres` must come from `sense_table(centres, similarity)`.
+    implementation: see IMPLEMENTATIONS (default IMPLEMENTATION); the fused kernel never builds
+    the [positions, K, d] gather, so chunk_positions does not apply to it.
     """
+    if _use_fused(implementation or IMPLEMENTATION, student_states, centres, soft_probs):
+        return fused_loss.sense_kd_loss(student_states, input_ids, targets, centres, sense_mask, token_to_row,
+                                        soft_ids, soft_probs, temperature, similarity)
     d = student_states.shape[-1]
     index, rows = labelled_positions(input_ids, targets, token_to_row)
     n = index.numel()
@@ -200,6 +211,20 @@ def sense_kd_loss(student_states, input_ids, targets, centres, sense_mask, token
         above = (logits > logits.gather(1, target[:, None])).sum(-1)
         top1, top5 = (above == 0).sum(), (above < TOP_K_AGREEMENT).sum()
     return total / n, {"correct_top1": top1, "correct_top5": top5, "n": torch.tensor(n, device=student_states.device)}
+
+
+def _use_fused(implementation: str, states, centres, soft_probs) -> bool:
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r}: use one of {IMPLEMENTATIONS}")
+    if implementation == "torch":
+        return False
+    usable = fused_loss.usable(states, centres, soft_probs)
+    if implementation == "fused" and not usable:
+        why = fused_loss.unavailable_reason() or (
+            f"states {states.dtype} on {states.device}, senses {centres.dtype} on {centres.device}: "
+            f"the kernel takes CPU tensors of one precision, fp32 or fp64")
+        raise ValueError(f"implementation='fused' cannot run here: {why}")
+    return usable
 
 
 def mse_loss(student_states, teacher_states, mask):

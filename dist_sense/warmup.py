@@ -1,8 +1,9 @@
-"""Build DeepSpeed's CPU ops once, at install time, into TORCH_EXTENSIONS_DIR.
+"""Build the compiled CPU ops once, at install time, into TORCH_EXTENSIONS_DIR.
 
 On CPU DeepSpeed compiles a shared-memory communication op at its first
-`init_distributed` (about 40 s on 2 cores). `make install` runs this module so
-that the tests and the stages load the cached build instead of each paying for it.
+`init_distributed` (about 40 s on 2 cores), and the fused sense loss compiles its
+kernel at first use (about a second). `make install` runs this module so that the
+tests and the stages load the cached builds instead of each paying for them.
 """
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ import time
 
 
 def main() -> None:
+    from dist_sense import fused_loss
+
+    kernel = fused_loss.library()
+    print(f"warmup: fused sense loss kernel {'ready' if kernel else 'not built: ' + str(fused_loss.unavailable_reason())}")
     if os.environ.get("DS_ACCELERATOR", "cpu") != "cpu":
         print("warmup: GPU accelerator, nothing to prebuild")
         return
