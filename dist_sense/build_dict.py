@@ -1,9 +1,9 @@
 """Stage 2: RUN/hidden/ shards -> RUN/dictionary/, by MPI k-means over tiles of tokens.
 
 `mpirun -n N python launcher/build_dict.py --config C` (or `srun --mpi=pmi2 ...`); one
-process without a launcher works too. Each rank reads its share of the hidden shards
-once (balanced by bytes) and buckets its rows by tile into scratch files (tile_spill.py),
-so memory holds one tile at a time. Then, tile by tile, all ranks cluster the
+process without a launcher works too. The ranks read the hidden shards once, in units
+of samples claimed from a shared counter, and bucket their rows by tile into scratch
+files (tile_spill.py), so memory holds one tile at a time. Then, tile by tile, all ranks cluster the
 tile's tokens together (kmeans.cluster_tile: an allgathered subsample fixes k and the
 k-means++ start, Lloyd iterations cost one allreduce each) and rank `tile % world`
 writes the tile's shard. A shard that exists and matches its tile and the settings is
@@ -12,20 +12,26 @@ final, so a rerun only builds the missing ones. index.json is written last, by r
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from . import backend, dist, kmeans, manifest, shards
 from .faults import crash_point
 from .dictionary import DictionaryError, SenseDictionary, read_shard, shard_entry, shard_name, write_index
-from .tile_spill import TileSpill, assign_shards
+from .tile_spill import TileSpill, work_units
 
 log = dist.get_logger("dist_sense.build_dict")
+RESULT_NEUTRAL_SETTINGS = ("spill_memory_mb",)
+"""k-means settings that change how the stage runs, not its result: changing them rebuilds nothing."""
 REQUIRED_FIELDS = ("teacher_fingerprint", "tokenizer_fingerprint", "layer", "d", "dtype", "vocab_size", "shards",
                    "kept_per_token")
 
@@ -44,13 +50,15 @@ def run(cfg) -> Path:
     log.info("%d tiles of up to %d tokens, %d to build, %d ranks on %s", len(plan.tiles), cfg.kmeans.tile_tokens,
              len(todo), comm.world, backend.name(xp))
     if todo:
-        files = sorted(s["file"] for s in hidden["shards"])
-        files = assign_shards(files, [(hidden_dir / f).stat().st_size for f in files], comm.world)[comm.rank]
-        spill = TileSpill(out_dir / ".work" / f"rank-{comm.rank:03d}", hidden["dtype"], int(hidden["d"]))
-        spill.fill([hidden_dir / f for f in files], plan, todo, cfg.kmeans.seed)
+        units = work_units([(s["file"], s["samples"]) for s in hidden["shards"]], FILL_UNIT_SAMPLES)
+        spill = TileSpill(out_dir / ".work" / f"rank-{comm.rank:03d}", hidden["dtype"], int(hidden["d"]),
+                          cfg.kmeans.spill_memory_mb << 20)
+        with comm.work_counter() as counter:
+            spill.fill(_claimed(units, hidden_dir, counter), plan, todo, cfg.kmeans.seed, poll=counter.poll)
         metrics = Metrics(cfg.run_path / "tb" / "kmeans", enabled=comm.rank == 0)
-        for tile in _progress(todo, comm.rank == 0):
-            build_tile(tile, plan, spill, comm, cfg.kmeans, xp, metrics, out_dir, settings)
+        with BackgroundWrites() as writes:
+            for tile in _progress(todo, comm.rank == 0):
+                build_tile(tile, plan, spill, comm, cfg.kmeans, xp, metrics, out_dir, settings, writes)
         metrics.close()
         spill.remove()
     comm.barrier()
@@ -61,6 +69,32 @@ def run(cfg) -> Path:
         log.info("wrote %s", out_dir / "index.json")
     comm.barrier()
     return out_dir
+
+
+FILL_UNIT_SAMPLES = 128
+"""Samples per claimed reading unit: small enough that ranks finish reading within a unit of
+each other, large enough that a claim (one remote atomic add) and a seek are noise."""
+
+
+@dataclass
+class SharedCounter:
+    """0, 1, 2, ... over all ranks together, each number to one rank: an MPI window of one
+    int64 on rank 0, incremented by Fetch_and_op under a shared lock.
+
+    The add is passive-target RMA: with MPICH it completes only while rank 0 is inside
+    some MPI call, so a rank busy reading calls `poll` (an Iprobe, ~0.1 us) now and then;
+    without it a claim waited for rank 0's own next claim (22 ms instead of 0.1 ms, measured).
+    """
+
+    claim: Callable[[], int]
+    poll: Callable[[], object]
+
+
+def _claimed(units: list, hidden_dir: Path, counter: SharedCounter):
+    """The reading units this rank claims, until the shared counter passes the last one."""
+    while (number := counter.claim()) < len(units):
+        file, start, stop = units[number]
+        yield hidden_dir / file, start, stop
 
 
 # ----------------------------------------------------------------------------- collectives
@@ -113,6 +147,34 @@ class Collectives:
             row_type.Free()
         return out
 
+    @contextmanager
+    def work_counter(self):
+        """A SharedCounter over all ranks (an itertools counter for one process). Collective to open and close."""
+        if self.comm is None:
+            yield SharedCounter(itertools.count().__next__, lambda: None)
+            return
+        from mpi4py import MPI
+
+        window = MPI.Win.Allocate(8 if self.rank == 0 else 0, 8, comm=self.comm)
+        if self.rank == 0:
+            window.Lock(0, MPI.LOCK_EXCLUSIVE)
+            window.Put([np.zeros(1, np.int64), MPI.INT64_T], 0)
+            window.Unlock(0)
+        self.comm.Barrier()
+        one, got = np.ones(1, np.int64), np.zeros(1, np.int64)
+
+        def claim() -> int:
+            window.Lock(0, MPI.LOCK_SHARED)
+            window.Fetch_and_op([one, MPI.INT64_T], [got, MPI.INT64_T], 0, 0, MPI.SUM)
+            window.Unlock(0)
+            return int(got[0])
+
+        # On an error in the body nothing below runs: Free is collective, and the launcher
+        # aborts the job rather than have this rank wait there for the others.
+        yield SharedCounter(claim, self.comm.Iprobe)
+        self.comm.Barrier()  # nobody frees the window while another rank may still claim
+        window.Free()
+
     def gather(self, obj, root: int) -> list | None:
         return [obj] if self.comm is None else self.comm.gather(obj, root=root)
 
@@ -146,6 +208,9 @@ def read_hidden_manifest(hidden_dir: Path) -> dict:
         raise manifest.ManifestError(f"{path}: lacks {', '.join(missing)} (written by an older or foreign extract?)")
     if data["dtype"] not in ("fp16", "bf16", "fp32"):
         raise manifest.ManifestError(f"{path}: dtype {data['dtype']!r} is not fp16, bf16 or fp32")
+    uncounted = [s.get("file") for s in data["shards"] if not isinstance(s.get("samples"), int) or s["samples"] < 0]
+    if uncounted:
+        raise manifest.ManifestError(f"{path}: shard {uncounted[0]!r} has no sample count (field 'samples')")
     absent = [s["file"] for s in data["shards"] if not (hidden_dir / s["file"]).is_file()]
     if absent:
         raise manifest.ManifestError(f"{hidden_dir / absent[0]}: listed in {path} but missing ({len(absent)} missing)")
@@ -173,7 +238,8 @@ def settings_fingerprint(hidden: dict, kcfg) -> str:
     """Id of what a tile's result depends on: the hidden states and the k-means settings."""
     source = {k: hidden[k] for k in ("teacher_fingerprint", "tokenizer_fingerprint", "layer", "d", "dtype")}
     source["shards"] = sorted([s["file"], s.get("samples")] for s in hidden["shards"])
-    payload = json.dumps({"hidden": source, "kmeans": asdict(kcfg)}, sort_keys=True, default=str)
+    kmeans_settings = {k: v for k, v in asdict(kcfg).items() if k not in RESULT_NEUTRAL_SETTINGS}
+    payload = json.dumps({"hidden": source, "kmeans": kmeans_settings}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -209,9 +275,43 @@ def unfinished_tiles(out_dir: Path, plan: TilePlan, settings: str) -> list[int]:
 # ----------------------------------------------------------------------------- one tile
 
 
+class BackgroundWrites:
+    """Tile shards written on a thread, one at a time.
+
+    The writing rank (tile % world) would otherwise make every other rank wait for its
+    write at the next tile's first collective, once per tile, so all writes would add up
+    on every rank's clock. On a thread they overlap the next tile; with at most one in
+    flight, a crash loses at most the last finished tile, which a rerun rebuilds.
+    """
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-writer")
+        self._pending = None
+
+    def submit(self, fn, *args) -> None:
+        self.wait()
+        self._pending = self._pool.submit(fn, *args)
+
+    def wait(self) -> None:
+        """Finish the write in flight; its error, if any, is raised here."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if exc[0] is None:
+                self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 def build_tile(tile: int, plan: TilePlan, spill: TileSpill, comm: Collectives, kcfg, xp, metrics, out_dir: Path,
-               settings: str) -> kmeans.TileResult:
-    """Cluster one tile on all ranks; rank tile % world writes its shard and examples."""
+               settings: str, writes: BackgroundWrites | None = None) -> kmeans.TileResult:
+    """Cluster one tile on all ranks; rank tile % world writes its shard and examples (on `writes` if given)."""
     started, reduce_before = time.perf_counter(), comm.allreduce_seconds
     tokens = plan.tiles[tile]
     rows, meta = spill.read(tile)
@@ -221,31 +321,59 @@ def build_tile(tile: int, plan: TilePlan, spill: TileSpill, comm: Collectives, k
     meta = meta[order]
     result = kmeans.cluster_tile(local, kcfg, comm.allreduce, comm.allgather, xp, seed=tile,
                                  on_iteration=metrics.iteration, share=(comm.rank, comm.world))
-    picked = kmeans.nearest_rows_per_sense(local, result, kcfg.examples_per_sense)
-    candidates = (local.slots[picked], backend.to_host(result.labels)[picked],
-                  backend.to_host(result.distances)[picked], local.priority[picked],
-                  spill.contexts(meta["sample"][picked], meta["occurrence"][picked]))
+    winners, texts = _example_contexts(local, result, meta, spill, comm, kcfg.examples_per_sense)
     writer = tile % comm.world
-    gathered = comm.gather(candidates, root=writer)
+    gathered = comm.gather(texts, root=writer)
     if comm.rank == writer:
-        examples = _merge_examples(gathered, tokens, result.valid.sum(axis=1), kcfg.examples_per_sense)
-        write_tile(out_dir, tile, tokens, result, examples, settings)
+        def write():
+            examples = _examples_by_token(winners, gathered, tokens, result.valid.sum(axis=1))
+            write_tile(out_dir, tile, tokens, result, examples, settings)
+
+        if writes is None:
+            write()
+        else:
+            writes.submit(write)
     seconds = time.perf_counter() - started
     metrics.tile(tile, result, seconds, (comm.allreduce_seconds - reduce_before) / max(seconds, 1e-9))
     crash_point("build_dict.tile")
     return result
 
 
-def _merge_examples(gathered: list, tokens: np.ndarray, senses_per_slot: np.ndarray, limit: int) -> dict:
-    """The `limit` nearest candidates per sense over all ranks: {token id: [[text, ...] per sense]}."""
-    slots, labels, distances, priority = (np.concatenate([g[i] for g in gathered]) for i in range(4))
-    texts = [text for g in gathered for text in g[4]]
-    order = np.lexsort((priority, distances, labels, slots))
-    group = slots[order] * (int(senses_per_slot.max(initial=0)) + 1) + labels[order]
+CANDIDATE = np.dtype([("slot", "<i8"), ("label", "<i8"), ("distance", "<f4"), ("priority", "<u8"),
+                      ("rank", "<i8"), ("row", "<i8")])
+"""An example candidate: its sense, its distance to it, its tie-break, and where its row is."""
+
+
+def _example_contexts(local, result: kmeans.TileResult, meta: np.ndarray, spill: TileSpill, comm: Collectives,
+                      limit: int) -> tuple[np.ndarray, list[str]]:
+    """(the tile's example winners in output order, this rank's texts of its own winners, in that order).
+
+    Each rank offers its `limit` nearest rows per sense; one allgather of these small records
+    lets every rank pick the same `limit` nearest per sense over all ranks, and each rank
+    reads the contexts (a JSON parse each) of its winners only: reading every candidate's
+    made each rank do as much as one rank alone did.
+    """
+    picked = kmeans.nearest_rows_per_sense(local, result, limit)
+    mine = np.zeros(len(picked), CANDIDATE)
+    mine["slot"], mine["label"] = local.slots[picked], backend.to_host(result.labels)[picked]
+    mine["distance"], mine["priority"] = backend.to_host(result.distances)[picked], local.priority[picked]
+    mine["rank"], mine["row"] = comm.rank, picked
+    offered = comm.allgather(mine)
+    order = np.lexsort((offered["priority"], offered["distance"], offered["label"], offered["slot"]))
+    group = offered["slot"][order] * (result.valid.shape[1] + 1) + offered["label"][order]
+    winners = offered[order[kmeans.rank_in_group(group) < limit]]
+    own = winners["row"][winners["rank"] == comm.rank]
+    return winners, spill.contexts(meta["sample"][own], meta["occurrence"][own])
+
+
+def _examples_by_token(winners: np.ndarray, texts_by_rank: list[list[str]], tokens: np.ndarray,
+                       senses_per_slot: np.ndarray) -> dict:
+    """{token id: [[text, ...] per sense]} from the winners and each rank's texts of its own, in winner order."""
+    texts = [iter(texts) for texts in texts_by_rank]
     examples: dict = {}
-    for i in order[kmeans.rank_in_group(group) < limit]:  # output formatting: at most `limit` per sense
-        senses = examples.setdefault(int(tokens[slots[i]]), [[] for _ in range(senses_per_slot[slots[i]])])
-        senses[labels[i]].append(texts[i])
+    for slot, label, rank in zip(winners["slot"].tolist(), winners["label"].tolist(), winners["rank"].tolist()):
+        senses = examples.setdefault(int(tokens[slot]), [[] for _ in range(senses_per_slot[slot])])
+        senses[label].append(next(texts[rank]))
     return examples
 
 

@@ -122,12 +122,17 @@ class KMeansConfig:
     """Most MCL iterations."""
     examples_per_sense: int = 3
     """Example contexts stored per sense (the occurrences nearest its centre)."""
+    spill_memory_mb: int = 512
+    """Hidden rows a rank holds in memory while reading, bucketed by tile; past this it appends
+    them to per-tile scratch files (RUN/dictionary/.work) and starts over (in batches of at least
+    64 MB, so 0 spills everything as it goes). Does not change the dictionary."""
 
     def validate(self) -> None:
         check_choice("kmeans.k_policy", self.k_policy, ("fixed", "mcl"))
         for name in ("k", "max_iter", "tile_tokens", "subsample", "min_count", "mcl_expansion", "mcl_iters"):
             check_positive(f"kmeans.{name}", getattr(self, name))
         check_nonnegative("kmeans.examples_per_sense", self.examples_per_sense)
+        check_nonnegative("kmeans.spill_memory_mb", self.spill_memory_mb)
         if self.tol < 0:
             raise ConfigError(f"kmeans.tol={self.tol}: must be >= 0")
         if self.mcl_inflation <= 1:

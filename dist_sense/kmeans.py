@@ -18,8 +18,8 @@ from typing import Callable
 import numpy as np
 
 from .backend import to_device, to_host
-from .kmeans_start import (Subsample, distinct_vectors, gather_subsample, kmeans_plusplus, rank_in_group, share_tokens,  # noqa: F401
-                           reseed_empty, size_classes)
+from .kmeans_start import (Subsample, distinct_vectors, gather_rows, gather_subsample, kmeans_plusplus,  # noqa: F401
+                           plusplus_job, rank_in_group, reseed_empty, share_tokens, size_classes)
 from .mcl import mcl_cluster_counts, senses_from_mcl
 
 Collective = Callable[[np.ndarray], np.ndarray]
@@ -300,8 +300,8 @@ def cluster_tile(local: LocalTile, cfg, allreduce: Collective = identity, allgat
 
     `cfg` is a KMeansConfig; `seed` (the tile number) and cfg.seed seed k-means++;
     `k` (int or [T]) overrides the k policy (for tests and experiments). `share` is
-    (rank, world): each rank seeds and deduplicates its share of the tokens (see
-    kmeans_start.share_tokens); (0, 1), or the same on every rank, does all of it everywhere.
+    (rank, world): each rank seeds its share of the tokens (see kmeans_start.share_tokens);
+    (0, 1), or the same on every rank, does all of it everywhere.
     """
     n_tokens, d = local.n_tokens, int(local.vectors.shape[1])
     per_token = allreduce(np.bincount(local.slots, minlength=n_tokens).astype(np.int64))
@@ -319,25 +319,29 @@ def cluster_tile(local: LocalTile, cfg, allreduce: Collective = identity, allgat
     small = (per_token > 0) & (per_token <= k)
     centres = xp.zeros((n_tokens, k_max, d), dtype=xp.float32)
     valid = xp.zeros((n_tokens, k_max), dtype=bool)
+    big = np.flatnonzero(per_token > k)
+    # One subsample gather for the tile: small tokens send all their vectors, the others
+    # max(their subsample, k). Then every size group is cut from it locally.
+    rows = gather_rows(local, np.where(small, per_token, np.where(per_token > k, np.maximum(cap, k), 0)), allgather, xp)
     # Tokens with no more vectors than their k keep them; only the others are clustered.
     small_slots = np.flatnonzero(small)
     if len(small_slots):
         at = to_device(small_slots, xp)
-        sub = gather_subsample(local, per_token, allgather, xp, small_slots)
-        centres[at], valid[at] = share_tokens(len(small_slots), share, allgather, xp, lambda mine: distinct_vectors(
-            Subsample(sub.points[mine], sub.mask[mine], sub.counts[mine]), k_max, xp))
-    big = np.flatnonzero(per_token > k)
-    groups, group_centres, group_valid, order, first = [], [], [], [], 0
+        centres[at], valid[at] = distinct_vectors(rows.padded(small_slots, xp), k_max, xp)
+    groups, jobs, order, first = [], [], [], 0
     rng = np.random.default_rng([cfg.seed, seed])
     for members in size_classes(np.maximum(np.minimum(per_token[big], cfg.subsample), k[big])):
         slots = big[members]
-        sub = gather_subsample(local, np.maximum(cap, k), allgather, xp, slots)
-        c, v = kmeans_plusplus(sub, k[slots], rng, xp, share, allgather)
-        group_centres.append(xp.pad(c, ((0, 0), (0, k_max - c.shape[1]), (0, 0))))
-        group_valid.append(xp.pad(v, ((0, 0), (0, k_max - v.shape[1]))))
+        sub = rows.padded(slots, xp)
+        jobs.append(plusplus_job(sub, k[slots], rng, xp))
         groups.append((sub, first, first + len(slots)))
         order.append(slots)
         first += len(slots)
+    del rows
+    # k-means++ for every size group, each rank its share of the tokens, one allgather.
+    seeded = share_tokens(jobs, share, allgather, xp)
+    group_centres = [xp.pad(c, ((0, 0), (0, k_max - c.shape[1]), (0, 0))) for c, _ in seeded]
+    group_valid = [xp.pad(v, ((0, 0), (0, k_max - v.shape[1]))) for _, v in seeded]
     history = []
     if groups:
         order = np.concatenate(order)

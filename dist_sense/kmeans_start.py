@@ -43,46 +43,77 @@ def rank_in_group(sorted_groups: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- subsample
 
 
-def gather_subsample(local: LocalTile, cap: np.ndarray, allgather: Callable[[np.ndarray], np.ndarray], xp, tokens=None) -> Subsample:
+@dataclass
+class SubsampleRows:
+    """The gathered subsample rows, compact: host arrays sorted by (slot, priority)."""
+
+    points: np.ndarray
+    """float32 [M, d]."""
+    slots: np.ndarray
+    """int64 [M]: each row's token slot."""
+    n_tokens: int
+
+    def padded(self, tokens, xp) -> Subsample:
+        """The Subsample of `tokens` (sorted slots; None: all), row i for tokens[i], padded to the widest."""
+        slots, n_tokens = self.slots, self.n_tokens
+        if tokens is not None:
+            where = np.full(self.n_tokens, -1, dtype=np.int64)
+            where[tokens] = np.arange(len(tokens))
+            slots, n_tokens = where[slots], len(tokens)
+        keep = slots >= 0
+        slots, points = slots[keep], self.points[keep]
+        counts = np.bincount(slots, minlength=n_tokens).astype(np.int64)
+        width = max(1, int(counts.max(initial=0)))
+        padded = np.zeros((n_tokens, width, self.points.shape[1]), dtype=np.float32)
+        mask = np.zeros((n_tokens, width), dtype=bool)
+        position = rank_in_group(slots)
+        padded[slots, position] = points
+        mask[slots, position] = True
+        return Subsample(to_device(padded, xp), to_device(mask, xp), counts)
+
+
+def gather_rows(local: LocalTile, cap: np.ndarray, allgather: Callable[[np.ndarray], np.ndarray], xp) -> SubsampleRows:
     """Every token's `cap[t]` lowest-priority vectors over all ranks, identical on every rank.
 
-    With `tokens` (sorted slots), only those tokens' vectors, rows in the order of `tokens`.
-
-    Two rounds keep traffic bounded: first the (slot, priority) keys of each rank's
+    Two allgathers keep traffic bounded: first the (slot, priority) keys of each rank's
     own lowest `cap` rows, from which every rank derives the same per-token priority
-    threshold; then only the rows under it. The result does not depend on how the
-    rows are spread over ranks, so 1 and N ranks derive the same k and start.
+    threshold; then only the rows under it. Both arrive in rank order, each rank's rows in
+    its own order, so the second needs no keys of its own: they are the first's, filtered
+    by the same rule. The result does not depend on how the rows are spread over ranks, so
+    1 and N ranks derive the same k and start.
     """
     n_tokens, d = local.n_tokens, int(local.vectors.shape[1])
-    if tokens is not None:
-        chosen_cap = np.zeros(n_tokens, dtype=np.int64)
-        chosen_cap[tokens] = np.asarray(cap)[tokens]
-        cap = chosen_cap
+    cap = np.asarray(cap)
     candidate = rank_in_group(local.slots) < cap[local.slots]
     keys = allgather(np.stack([local.slots[candidate].astype(np.uint64), local.priority[candidate]], axis=1))
-    keys = keys[np.lexsort((keys[:, 1], keys[:, 0]))]
     key_slots = keys[:, 0].astype(np.int64)
-    taken = rank_in_group(key_slots) < cap[key_slots]
+    order = np.lexsort((keys[:, 1], key_slots))
+    sorted_slots = key_slots[order]
+    taken = order[rank_in_group(sorted_slots) < cap[sorted_slots]]
+    # Per token, the highest priority among its cap lowest (the last taken): rows at or under it are in.
+    taken_slots = key_slots[taken]
+    last = np.r_[taken_slots[1:] != taken_slots[:-1], True] if len(taken) else np.zeros(0, dtype=bool)
     threshold = np.zeros(n_tokens, dtype=np.uint64)
-    np.maximum.at(threshold, key_slots[taken], keys[taken, 1])
-    has_any = np.bincount(key_slots[taken], minlength=n_tokens) > 0
-    chosen = np.flatnonzero(candidate & has_any[local.slots] & (local.priority <= threshold[local.slots]))
-    points = allgather(to_host(local.vectors[to_device(chosen, xp)]).reshape(-1, d))
-    ids = allgather(np.stack([local.slots[chosen].astype(np.uint64), local.priority[chosen]], axis=1))
+    threshold[taken_slots[last]] = keys[taken[last], 1]
+    has_any = np.bincount(taken_slots, minlength=n_tokens) > 0
+
+    def chosen(slots, priority):
+        return has_any[slots] & (priority <= threshold[slots])
+
+    mine = np.flatnonzero(candidate)[chosen(local.slots[candidate], local.priority[candidate])]
+    points = allgather(to_host(local.vectors[to_device(mine, xp)]).reshape(-1, d))
+    ids = keys[chosen(key_slots, keys[:, 1])]  # the same rows, in the same (rank, local) order
     order = np.lexsort((ids[:, 1], ids[:, 0]))
-    slots = ids[order, 0].astype(np.int64)
-    if tokens is not None:  # compact: row i of the result is token tokens[i]
-        where = np.full(n_tokens, -1, dtype=np.int64)
-        where[tokens] = np.arange(len(tokens))
-        slots, n_tokens = where[slots], len(tokens)
-    counts = np.bincount(slots, minlength=n_tokens).astype(np.int64)
-    width = max(1, int(counts.max(initial=0)))
-    padded = np.zeros((n_tokens, width, d), dtype=np.float32)
-    mask = np.zeros((n_tokens, width), dtype=bool)
-    position = rank_in_group(slots)
-    padded[slots, position] = points[order]
-    mask[slots, position] = True
-    return Subsample(to_device(padded, xp), to_device(mask, xp), counts)
+    return SubsampleRows(points[order], ids[order, 0].astype(np.int64), n_tokens)
+
+
+def gather_subsample(local: LocalTile, cap: np.ndarray, allgather: Callable[[np.ndarray], np.ndarray], xp, tokens=None) -> Subsample:
+    """gather_rows, padded: with `tokens` (sorted slots), only those tokens, row i for tokens[i]."""
+    if tokens is not None:
+        chosen_cap = np.zeros(local.n_tokens, dtype=np.int64)
+        chosen_cap[tokens] = np.asarray(cap)[tokens]
+        cap = chosen_cap
+    return gather_rows(local, cap, allgather, xp).padded(tokens, xp)
 
 
 # ----------------------------------------------------------------------------- seeding
@@ -105,6 +136,12 @@ def kmeans_plusplus(sub: Subsample, k: np.ndarray, rng: np.random.Generator, xp,
     (rank, world), each rank seeds every world-th token and `allgather` assembles them:
     every rank draws the whole group's numbers first, so the result is that of one rank.
     """
+    (result,) = share_tokens([plusplus_job(sub, k, rng, xp)], share, allgather, xp)
+    return result
+
+
+def plusplus_job(sub: Subsample, k: np.ndarray, rng: np.random.Generator, xp):
+    """kmeans_plusplus as a share_tokens job (n_tokens, compute); draws its numbers now, in call order."""
     n_tokens = sub.points.shape[0]
     k_max = max(1, int(k.max(initial=1)))
     # One stream for the whole group, in the order a single sequential run consumes it.
@@ -115,7 +152,7 @@ def kmeans_plusplus(sub: Subsample, k: np.ndarray, rng: np.random.Generator, xp,
         return _plusplus(sub.points[mine], sub.mask[mine], sub.counts[mine], k[mine], first[mine], steps[:, mine],
                          k_max, xp)
 
-    return share_tokens(n_tokens, share, allgather, xp, seed)
+    return n_tokens, seed
 
 
 def _plusplus(points, mask, counts: np.ndarray, k: np.ndarray, first_draw, step_draws, k_max: int, xp):
@@ -145,45 +182,68 @@ def _plusplus(points, mask, counts: np.ndarray, k: np.ndarray, first_draw, step_
     return centres, valid
 
 
-def share_tokens(n_tokens: int, share: tuple[int, int], allgather, xp, compute):
-    """compute(index) for this rank's share of n tokens (every world-th), then every rank holds all rows.
+def share_tokens(jobs: list, share: tuple[int, int], allgather, xp) -> list[tuple]:
+    """Run each job (n_tokens, compute) on this rank's share of its tokens; every rank gets every row.
 
-    `compute` returns a tuple of arrays with one row per indexed token. Per-token work
-    that would otherwise run identically on every rank (seeding, deduplication) is split
-    this way, so it shrinks with the number of ranks instead of staying constant.
+    `compute(index)` returns a tuple of arrays with one row per indexed token. This rank
+    takes every world-th token of each job, and one allgather, for all jobs together, brings
+    the other ranks' rows: per-token work that would otherwise run identically on every
+    rank (seeding) shrinks with the number of ranks, at one synchronisation per call.
     """
     rank, world = share
     if world == 1:
-        return compute(slice(None))
-    mine = np.arange(rank, n_tokens, world)
-    order = np.concatenate([np.arange(r, n_tokens, world) for r in range(world)])
-    result = []
-    for part in compute(mine):
-        gathered = allgather(to_host(part))
-        whole = np.empty_like(gathered)
-        whole[order] = gathered
-        result.append(to_device(whole, xp))
-    return tuple(result)
+        return [tuple(compute(slice(None))) for _, compute in jobs]
+    parts = [tuple(to_host(a) for a in compute(np.arange(rank, n, world))) for n, compute in jobs]
+    # Byte segments, each padded to 8 bytes so every array's view of the buffer stays aligned.
+    def segment(array):
+        raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        return np.concatenate([raw, np.zeros(-len(raw) % 8, np.uint8)])
+
+    gathered = allgather(np.concatenate([segment(a) for part in parts for a in part] or [np.zeros(0, np.uint8)]))
+    wholes = [[np.empty((n,) + a.shape[1:], a.dtype) for a in part] for (n, _), part in zip(jobs, parts)]
+    at = 0
+    for source in range(world):  # every rank's segments, laid out as that rank packed them
+        for (n, _), part, whole in zip(jobs, parts, wholes):
+            rows = np.arange(source, n, world)
+            for a, out in zip(part, whole):
+                size = len(rows) * a.dtype.itemsize * int(np.prod(a.shape[1:], dtype=np.int64))
+                out[rows] = gathered[at : at + size].view(a.dtype).reshape((len(rows),) + a.shape[1:])
+                at += size + (-size % 8)
+    return [tuple(to_device(out, xp) for out in whole) for whole in wholes]
 
 
 def distinct_vectors(sub: Subsample, k_max: int, xp):
     """([S, k_max, d], [S, k_max] mask) the distinct vectors of each token of `sub`.
 
     For tokens with no more vectors than their k: `sub` holds all of them, and they are
-    the senses (k-means on them would only rediscover them).
+    the senses (k-means on them would only rediscover them). Rows are compared through a
+    64-bit hash of their bits, sorted by (token, hash); a row equal to the one before it is
+    dropped. Two different vectors of one token with the same hash (odds about 2^-64 a
+    pair) are both kept, as the check compares the rows themselves. Cheap enough that every
+    rank runs it on the whole tile, with no collective.
     """
     n_tokens, _, d = sub.points.shape
     centres = np.zeros((n_tokens, k_max, d), dtype=np.float32)
     valid = np.zeros((n_tokens, k_max), dtype=bool)
     token, position = np.nonzero(to_host(sub.mask))
     if len(token):
-        rows = np.concatenate([token[:, None].astype(np.float64), to_host(sub.points)[token, position].astype(np.float64)], 1)
-        distinct = np.unique(rows, axis=0)
-        slots = distinct[:, 0].astype(np.int64)
-        at = (slots, rank_in_group(slots))
-        centres[at] = distinct[:, 1:].astype(np.float32)
+        points = np.ascontiguousarray(to_host(sub.points)[token, position], dtype=np.float32)
+        digest = (points.view(np.uint32).astype(np.uint64) * _row_hash_weights(d)).sum(axis=1)  # wraps mod 2^64
+        order = np.lexsort((digest, token))
+        token, points, digest = token[order], points[order], digest[order]
+        repeat = (token[1:] == token[:-1]) & (digest[1:] == digest[:-1])
+        repeat[repeat] = (points[1:][repeat] == points[:-1][repeat]).all(axis=1)
+        keep = np.r_[True, ~repeat]
+        token, points = token[keep], points[keep]
+        at = (token, rank_in_group(token))
+        centres[at] = points
         valid[at] = True
     return to_device(centres, xp), to_device(valid, xp)
+
+
+def _row_hash_weights(d: int) -> np.ndarray:
+    """Fixed odd 64-bit multipliers, one per column, for distinct_vectors' row hash."""
+    return np.random.default_rng(0x5E75E).integers(0, 2**63, size=d, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
 
 
 def size_classes(sizes: np.ndarray, ratio: float = 2.0) -> list[np.ndarray]:

@@ -262,16 +262,77 @@ def test_killed_rank_then_rerun_gives_byte_identical_dictionary(tmp_path):
         assert (runs["whole"] / name).read_bytes() == (runs["crashed"] / name).read_bytes(), name
 
 
-def test_shards_are_split_over_ranks_by_bytes():
-    from dist_sense.tile_spill import assign_shards
+def test_reading_is_cut_into_units_in_shard_name_order():
+    from dist_sense.tile_spill import work_units
 
-    files = [f"hidden-r{i % 2:03d}-{i // 2:06d}.tar" for i in range(4)]
-    sizes = [10, 1, 10, 1]  # two writer ranks, each with one full and one short shard
-    assert assign_shards(files, sizes, 2) == [[files[0], files[1]], [files[2], files[3]]]  # 11 bytes each
-    files = [f"hidden-r000-{i:06d}.tar" for i in range(12)]
-    sizes = [15, 15, 16, 15, 16, 17, 15, 15, 15, 16, 15, 10]
-    shares = assign_shards(files, sizes, 3)
-    assert sorted(f for share in shares for f in share) == files  # each shard read by exactly one rank
-    loads = [sum(sizes[files.index(f)] for f in share) for share in shares]
-    assert max(loads) - min(loads) <= max(sizes)
-    assert assign_shards(files, sizes, 3) == shares and all(assign_shards(files, sizes, 12))  # deterministic; all get work
+    counts = [("hidden-r001-000000.tar", 5), ("hidden-r000-000000.tar", 300), ("hidden-r000-000001.tar", 0)]
+    assert work_units(counts, 128) == [("hidden-r000-000000.tar", 0, 128), ("hidden-r000-000000.tar", 128, 256),
+                                       ("hidden-r000-000000.tar", 256, 300), ("hidden-r001-000000.tar", 0, 5)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 3])
+def test_shared_counter_gives_each_number_to_one_rank(tmp_path, nproc):
+    """Ranks claim 0..N-1 exactly once between them; the fast ranks claim more than the slow rank 0."""
+    out = tmp_path / "claims.json"
+    testing.run_mpirun("tests/scripts/mpi_work_counter.py", [out, 120], nproc=nproc, timeout=120)
+    claims = json.loads(out.read_text())
+    assert sorted(n for mine in claims for n in mine) == list(range(120))
+    if nproc > 1:
+        assert len(claims[0]) < min(len(mine) for mine in claims[1:])
+
+
+def test_sample_offsets_match_tarfile_and_reading_can_start_mid_shard(tmp_path):
+    writer = shards.RankShardWriter(tmp_path, "hidden", 0, max_samples=10)
+    for i in range(6):
+        writer.write(f"{i:05d}", shards.hidden_sample(np.full((i + 1, 4), i, np.float32), np.arange(i + 1),
+                                                      np.arange(i + 1), {"text": "x" * 700 * i}))
+    writer.close()
+    path = tmp_path / writer.written[0]["file"]
+    offsets = shards.sample_offsets(path)
+    assert offsets == shards._tarfile_sample_offsets(path) and len(offsets) == 6
+    middle = list(shards.iter_hidden_range(path, 2, 5, "fp32", offsets))
+    assert [s["key"] for s in middle] == ["00002", "00003", "00004"] and middle[1]["hidden"][0, 0] == 3
+
+
+def test_a_shard_shorter_than_its_manifest_count_is_named(tmp_path):
+    writer = shards.RankShardWriter(tmp_path, "hidden", 0, max_samples=10)
+    for i in range(3):
+        writer.write(f"{i:05d}", shards.hidden_sample(np.zeros((2, 4), np.float32), np.arange(2), np.arange(2), {}))
+    writer.close()
+    path = tmp_path / writer.written[0]["file"]
+    assert [s["key"] for s in shards.iter_hidden_range(path, 1, 3, "fp32")] == ["00001", "00002"]
+    with pytest.raises(shards.ShardError, match=f"{path.name}: holds 3 samples, the manifest says at least 5"):
+        list(shards.iter_hidden_range(path, 2, 5, "fp32"))
+
+@pytest.mark.parametrize("memory_bytes", [0, 20_000])
+def test_tile_rows_are_the_same_spilled_or_held_in_memory(tmp_path, monkeypatch, memory_bytes):
+    """Spilling everything, or part (a budget crossed mid-read), reads back the rows kept in memory alone."""
+    from dist_sense import tile_spill
+    from dist_sense.tile_spill import TileSpill, work_units
+
+    monkeypatch.setattr(tile_spill, "SPILL_BATCH_BYTES", 10_000)  # batches far smaller than the test's data
+    hidden_dir = make_hidden_dir(tmp_path / "run")
+    cfg = make_config(tmp_path / "run")
+    hidden = build_dict.read_hidden_manifest(hidden_dir)
+    plan = build_dict.plan_tiles(hidden, cfg.kmeans)
+    units = [(hidden_dir / f, a, b) for f, a, b in work_units([(s["file"], s["samples"]) for s in hidden["shards"]], 4)]
+    todo = list(range(len(plan.tiles)))
+
+    def tiles(budget, name):
+        spill = TileSpill(tmp_path / name, hidden["dtype"], int(hidden["d"]), budget)
+        spill.fill(units, plan, todo, seed=0)
+        files = len(list((tmp_path / name).glob("tile-*.vec")))
+        out = []
+        for tile in todo:
+            rows, meta = spill.read(tile)
+            order = np.argsort(meta["priority"])
+            out.append((rows[order], meta[order]))
+        return out, files
+
+    held, held_files = tiles(1 << 30, "held")
+    spilled, spilled_files = tiles(memory_bytes, "spilled")
+    assert held_files == 0 and spilled_files > 0 and len(held) > 1
+    for (rows_a, meta_a), (rows_b, meta_b) in zip(held, spilled):
+        np.testing.assert_array_equal(rows_a, rows_b)
+        np.testing.assert_array_equal(meta_a, meta_b)

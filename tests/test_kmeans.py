@@ -172,7 +172,8 @@ def test_two_ranks_equal_one(mixture):
     def run_rank(rank):
         mine = owner if rank == 0 else ~owner
         local, _ = kmeans.make_local_tile(vectors[mine], slots[mine], priority[mine], len(tokens), np)
-        return kmeans.cluster_tile(local, cfg, ranks.allreduce(rank), ranks.allgather(rank), np, seed=3)
+        return kmeans.cluster_tile(local, cfg, ranks.allreduce(rank), ranks.allgather(rank), np, seed=3,
+                                   share=(rank, 2))
 
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(run_rank, [0, 1]))
@@ -255,6 +256,32 @@ def test_kmeans_plusplus_split_over_ranks_equals_one_rank(mixture):
     for rank in range(world):
         np.testing.assert_array_equal(results[rank][0], single[0])
         np.testing.assert_array_equal(results[rank][1], single[1])
+
+
+def test_share_tokens_packs_several_jobs_into_one_allgather():
+    """Jobs of different shapes and dtypes (one with fewer tokens than ranks) come back whole on every rank."""
+    def job(n, width):
+        return n, lambda index: (np.arange(n * width, dtype=np.float32).reshape(n, width)[index],
+                                 (np.arange(n) % 3 == 0)[index], np.arange(n, dtype=np.int64)[index] * 7)
+
+    jobs = [job(7, 3), job(2, 5), job(0, 1), job(4, 1)]
+    expected = kmeans.share_tokens(jobs, (0, 1), kmeans.identity, np)
+    ranks, calls = ThreadRanks(3), [0, 0, 0]
+
+    def run(rank):
+        def allgather(array):
+            calls[rank] += 1
+            return ranks.allgather(rank)(array)
+        return kmeans.share_tokens(jobs, (rank, 3), allgather, np)
+
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(run, range(3)))
+    assert calls == [1, 1, 1]
+    for result in results:
+        for got, want in zip(result, expected):
+            for a, b in zip(got, want):
+                assert a.dtype == b.dtype
+                np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="mallopt is glibc's")

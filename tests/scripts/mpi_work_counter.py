@@ -1,0 +1,24 @@
+"""Run under `mpirun -n N`: every rank claims from build_dict's shared counter, busy between claims.
+
+Rank 0 writes {rank: [claimed numbers]} to argv[1]. Rank 0 claims slowly and polls, so the
+others' claims must complete while it is busy (the passive-target case).
+"""
+import json
+import sys
+import time
+
+from dist_sense.build_dict import Collectives
+
+LIMIT = int(sys.argv[2])
+comm = Collectives.from_env()
+claimed = []
+with comm.work_counter() as counter:
+    while (number := counter.claim()) < LIMIT:
+        claimed.append(number)
+        end = time.perf_counter() + (0.01 if comm.rank == 0 else 0.001)
+        while time.perf_counter() < end:
+            counter.poll()
+everyone = comm.gather(claimed, root=0)
+if comm.rank == 0:
+    with open(sys.argv[1], "w") as f:
+        json.dump(everyone, f)
