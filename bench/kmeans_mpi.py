@@ -1,7 +1,7 @@
 """The k-means stage on 2 MPI ranks against 1 rank, one thread per rank, same hidden/ and seed.
 
-Both runs build the whole dictionary (read shards, spill by tile, cluster, write) from
-the same real hidden states; the timer starts after MPI start-up and imports (torch's
+Both runs build the whole dictionary (read the shards in claimed units, bucket rows by
+tile, cluster, write) from the same real hidden states; the timer starts after MPI start-up and imports (torch's
 TensorBoard writer included, see build_dict_timed.py).
 speedup = 1-rank seconds / 2-rank seconds (2.0 would be perfect scaling), each the best of
 3 alternating runs.

@@ -16,7 +16,6 @@ import itertools
 import json
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,9 +55,8 @@ def run(cfg) -> Path:
         with comm.work_counter() as counter:
             spill.fill(_claimed(units, hidden_dir, counter), plan, todo, cfg.kmeans.seed, poll=counter.poll)
         metrics = Metrics(cfg.run_path / "tb" / "kmeans", enabled=comm.rank == 0)
-        with BackgroundWrites() as writes:
-            for tile in _progress(todo, comm.rank == 0):
-                build_tile(tile, plan, spill, comm, cfg.kmeans, xp, metrics, out_dir, settings, writes)
+        for tile in _progress(todo, comm.rank == 0):
+            build_tile(tile, plan, spill, comm, cfg.kmeans, xp, metrics, out_dir, settings)
         metrics.close()
         spill.remove()
     comm.barrier()
@@ -275,43 +273,9 @@ def unfinished_tiles(out_dir: Path, plan: TilePlan, settings: str) -> list[int]:
 # ----------------------------------------------------------------------------- one tile
 
 
-class BackgroundWrites:
-    """Tile shards written on a thread, one at a time.
-
-    The writing rank (tile % world) would otherwise make every other rank wait for its
-    write at the next tile's first collective, once per tile, so all writes would add up
-    on every rank's clock. On a thread they overlap the next tile; with at most one in
-    flight, a crash loses at most the last finished tile, which a rerun rebuilds.
-    """
-
-    def __init__(self):
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-writer")
-        self._pending = None
-
-    def submit(self, fn, *args) -> None:
-        self.wait()
-        self._pending = self._pool.submit(fn, *args)
-
-    def wait(self) -> None:
-        """Finish the write in flight; its error, if any, is raised here."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        try:
-            if exc[0] is None:
-                self.wait()
-        finally:
-            self._pool.shutdown(wait=True)
-
-
 def build_tile(tile: int, plan: TilePlan, spill: TileSpill, comm: Collectives, kcfg, xp, metrics, out_dir: Path,
-               settings: str, writes: BackgroundWrites | None = None) -> kmeans.TileResult:
-    """Cluster one tile on all ranks; rank tile % world writes its shard and examples (on `writes` if given)."""
+               settings: str) -> kmeans.TileResult:
+    """Cluster one tile on all ranks; rank tile % world writes its shard and examples."""
     started, reduce_before = time.perf_counter(), comm.allreduce_seconds
     tokens = plan.tiles[tile]
     rows, meta = spill.read(tile)
@@ -325,14 +289,8 @@ def build_tile(tile: int, plan: TilePlan, spill: TileSpill, comm: Collectives, k
     writer = tile % comm.world
     gathered = comm.gather(texts, root=writer)
     if comm.rank == writer:
-        def write():
-            examples = _examples_by_token(winners, gathered, tokens, result.valid.sum(axis=1))
-            write_tile(out_dir, tile, tokens, result, examples, settings)
-
-        if writes is None:
-            write()
-        else:
-            writes.submit(write)
+        examples = _examples_by_token(winners, gathered, tokens, result.valid.sum(axis=1))
+        write_tile(out_dir, tile, tokens, result, examples, settings)
     seconds = time.perf_counter() - started
     metrics.tile(tile, result, seconds, (comm.allreduce_seconds - reduce_before) / max(seconds, 1e-9))
     crash_point("build_dict.tile")

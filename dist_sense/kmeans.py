@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from .backend import to_device, to_host
-from .kmeans_start import (Subsample, distinct_vectors, gather_rows, gather_subsample, kmeans_plusplus,  # noqa: F401
+from .kmeans_start import (Subsample, distinct_rows, gather_rows, gather_subsample, kmeans_plusplus,  # noqa: F401
                            plusplus_job, rank_in_group, reseed_empty, share_tokens, size_classes)
 from .mcl import mcl_cluster_counts, senses_from_mcl
 
@@ -326,8 +326,10 @@ def cluster_tile(local: LocalTile, cfg, allreduce: Collective = identity, allgat
     # Tokens with no more vectors than their k keep them; only the others are clustered.
     small_slots = np.flatnonzero(small)
     if len(small_slots):
-        at = to_device(small_slots, xp)
-        centres[at], valid[at] = distinct_vectors(rows.padded(small_slots, xp), k_max, xp)
+        slots, points = distinct_rows(rows, small_slots)
+        at = (to_device(slots, xp), to_device(rank_in_group(slots), xp))
+        centres[at] = to_device(points, xp)
+        valid[at] = True
     groups, jobs, order, first = [], [], [], 0
     rng = np.random.default_rng([cfg.seed, seed])
     for members in size_classes(np.maximum(np.minimum(per_token[big], cfg.subsample), k[big])):

@@ -2,11 +2,12 @@
 
 Every rank derives the same subsample of each token's vectors (gather_subsample), so
 every rank takes the same k-means++ start and re-seeds empty senses the same way; tokens
-with no more vectors than their k keep their distinct vectors (distinct_vectors). Used
+with no more vectors than their k keep their distinct vectors (distinct_rows). Used
 by kmeans.cluster_tile; arrays live on `xp` (cupy or numpy), collectives on host arrays.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -45,13 +46,23 @@ def rank_in_group(sorted_groups: np.ndarray) -> np.ndarray:
 
 @dataclass
 class SubsampleRows:
-    """The gathered subsample rows, compact: host arrays sorted by (slot, priority)."""
+    """The gathered subsample rows, compact, in (slot, priority) order through `order`.
+
+    The points stay as the allgather delivered them (rank by rank); users take the rows
+    they need through `order`, so the whole set is never copied just to be sorted.
+    """
 
     points: np.ndarray
-    """float32 [M, d]."""
+    """float32 [M, d], as gathered."""
+    order: np.ndarray
+    """int64 [M]: row i in (slot, priority) order is points[order[i]]."""
     slots: np.ndarray
-    """int64 [M]: each row's token slot."""
+    """int64 [M]: slot of each row, in that order (ascending)."""
     n_tokens: int
+
+    def take(self, keep: np.ndarray) -> np.ndarray:
+        """Points of the sorted rows selected by the mask `keep`, in order."""
+        return self.points[self.order[keep]]
 
     def padded(self, tokens, xp) -> Subsample:
         """The Subsample of `tokens` (sorted slots; None: all), row i for tokens[i], padded to the widest."""
@@ -61,7 +72,7 @@ class SubsampleRows:
             where[tokens] = np.arange(len(tokens))
             slots, n_tokens = where[slots], len(tokens)
         keep = slots >= 0
-        slots, points = slots[keep], self.points[keep]
+        slots, points = slots[keep], self.take(keep)
         counts = np.bincount(slots, minlength=n_tokens).astype(np.int64)
         width = max(1, int(counts.max(initial=0)))
         padded = np.zeros((n_tokens, width, self.points.shape[1]), dtype=np.float32)
@@ -104,7 +115,7 @@ def gather_rows(local: LocalTile, cap: np.ndarray, allgather: Callable[[np.ndarr
     points = allgather(to_host(local.vectors[to_device(mine, xp)]).reshape(-1, d))
     ids = keys[chosen(key_slots, keys[:, 1])]  # the same rows, in the same (rank, local) order
     order = np.lexsort((ids[:, 1], ids[:, 0]))
-    return SubsampleRows(points[order], ids[order, 0].astype(np.int64), n_tokens)
+    return SubsampleRows(points, order, ids[order, 0].astype(np.int64), n_tokens)
 
 
 def gather_subsample(local: LocalTile, cap: np.ndarray, allgather: Callable[[np.ndarray], np.ndarray], xp, tokens=None) -> Subsample:
@@ -212,37 +223,34 @@ def share_tokens(jobs: list, share: tuple[int, int], allgather, xp) -> list[tupl
     return [tuple(to_device(out, xp) for out in whole) for whole in wholes]
 
 
-def distinct_vectors(sub: Subsample, k_max: int, xp):
-    """([S, k_max, d], [S, k_max] mask) the distinct vectors of each token of `sub`.
+def distinct_rows(rows: SubsampleRows, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(slots [m], points [m, d]) the distinct vectors of each of `tokens`, grouped by slot.
 
-    For tokens with no more vectors than their k: `sub` holds all of them, and they are
+    For tokens with no more vectors than their k: `rows` holds all of them, and they are
     the senses (k-means on them would only rediscover them). Rows are compared through a
-    64-bit hash of their bits, sorted by (token, hash); a row equal to the one before it is
+    64-bit hash of their bits, sorted by (slot, hash); a row equal to the one before it is
     dropped. Two different vectors of one token with the same hash (odds about 2^-64 a
     pair) are both kept, as the check compares the rows themselves. Cheap enough that every
     rank runs it on the whole tile, with no collective.
     """
-    n_tokens, _, d = sub.points.shape
-    centres = np.zeros((n_tokens, k_max, d), dtype=np.float32)
-    valid = np.zeros((n_tokens, k_max), dtype=bool)
-    token, position = np.nonzero(to_host(sub.mask))
-    if len(token):
-        points = np.ascontiguousarray(to_host(sub.points)[token, position], dtype=np.float32)
-        digest = (points.view(np.uint32).astype(np.uint64) * _row_hash_weights(d)).sum(axis=1)  # wraps mod 2^64
-        order = np.lexsort((digest, token))
-        token, points, digest = token[order], points[order], digest[order]
-        repeat = (token[1:] == token[:-1]) & (digest[1:] == digest[:-1])
-        repeat[repeat] = (points[1:][repeat] == points[:-1][repeat]).all(axis=1)
-        keep = np.r_[True, ~repeat]
-        token, points = token[keep], points[keep]
-        at = (token, rank_in_group(token))
-        centres[at] = points
-        valid[at] = True
-    return to_device(centres, xp), to_device(valid, xp)
+    wanted = np.zeros(rows.n_tokens, dtype=bool)
+    wanted[tokens] = True
+    keep = wanted[rows.slots]
+    slots, points = rows.slots[keep], rows.take(keep)
+    if len(slots) == 0:
+        return slots, points
+    digest = (points.view(np.uint32).astype(np.uint64) * _row_hash_weights(points.shape[1])).sum(axis=1)  # wraps
+    order = np.lexsort((digest, slots))
+    slots, points, digest = slots[order], points[order], digest[order]
+    repeat = (slots[1:] == slots[:-1]) & (digest[1:] == digest[:-1])
+    repeat[repeat] = (points[1:][repeat] == points[:-1][repeat]).all(axis=1)
+    first = np.r_[True, ~repeat]
+    return slots[first], points[first]
 
 
+@functools.lru_cache(maxsize=4)
 def _row_hash_weights(d: int) -> np.ndarray:
-    """Fixed odd 64-bit multipliers, one per column, for distinct_vectors' row hash."""
+    """Fixed odd 64-bit multipliers, one per column, for distinct_rows' row hash."""
     return np.random.default_rng(0x5E75E).integers(0, 2**63, size=d, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
 
 

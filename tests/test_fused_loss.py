@@ -5,7 +5,7 @@ tests/test_losses.py runs every loss test on both implementations; these compare
 import pytest
 import torch
 
-from dist_sense import fused_loss, losses
+from dist_sense import fused_loss
 from dist_sense.losses import sense_kd_loss, sense_table
 from test_losses import grad_of, make_batch, make_senses
 
