@@ -2,11 +2,12 @@
 
 `mpirun -n N python launcher/build_dict.py --config C` (or `srun --mpi=pmi2 ...`); one
 process without a launcher works too. The ranks read the hidden shards once, in units
-of samples claimed from a shared counter, and bucket their rows by tile into scratch
-files (tile_spill.py), so memory holds one tile at a time. Then, tile by tile, all ranks cluster the
-tile's tokens together (kmeans.cluster_tile: an allgathered subsample fixes k and the
-k-means++ start, Lloyd iterations cost one allreduce each) and rank `tile % world`
-writes the tile's shard. A shard that exists and matches its tile and the settings is
+of samples claimed from a shared counter, and bucket their rows by tile (tile_spill.py:
+in memory up to a budget, then in scratch files). Then, tile by tile, all ranks cluster
+the tile's tokens together (kmeans.cluster_tile: an allgathered subsample fixes k and
+the k-means++ start, Lloyd iterations cost one allreduce each). Finished tiles are held
+in batches whose examples are picked together and whose shards rank `tile % world`
+writes (tile_finish.py). A shard that exists and matches its tile and the settings is
 final, so a rerun only builds the missing ones. index.json is written last, by rank 0.
 """
 from __future__ import annotations
@@ -25,11 +26,12 @@ import numpy as np
 
 from . import backend, dist, kmeans, manifest, shards
 from .faults import crash_point
-from .dictionary import DictionaryError, SenseDictionary, read_shard, shard_entry, shard_name, write_index
+from .dictionary import DictionaryError, read_shard, shard_entry, shard_name, write_index
+from .tile_finish import FinishedTile, TileFinisher, finished_tile, tile_signature
 from .tile_spill import TileSpill, work_units
 
 log = dist.get_logger("dist_sense.build_dict")
-RESULT_NEUTRAL_SETTINGS = ("spill_memory_mb",)
+RESULT_NEUTRAL_SETTINGS = ("spill_memory_mb", "held_results_mb")
 """k-means settings that change how the stage runs, not its result: changing them rebuilds nothing."""
 REQUIRED_FIELDS = ("teacher_fingerprint", "tokenizer_fingerprint", "layer", "d", "dtype", "vocab_size", "shards",
                    "kept_per_token")
@@ -55,8 +57,12 @@ def run(cfg) -> Path:
         with comm.work_counter() as counter:
             spill.fill(_claimed(units, hidden_dir, counter), plan, todo, cfg.kmeans.seed, poll=counter.poll)
         metrics = Metrics(cfg.run_path / "tb" / "kmeans", enabled=comm.rank == 0)
+        finisher = TileFinisher(comm, spill, out_dir, settings, cfg.kmeans.examples_per_sense,
+                                cfg.kmeans.held_results_mb << 20)
         for tile in _progress(todo, comm.rank == 0):
-            build_tile(tile, plan, spill, comm, cfg.kmeans, xp, metrics, out_dir, settings)
+            finisher.add(build_tile(tile, plan, spill, comm, cfg.kmeans, xp, metrics))
+            crash_point("build_dict.tile")
+        finisher.flush()
         metrics.close()
         spill.remove()
     comm.barrier()
@@ -176,6 +182,10 @@ class Collectives:
     def gather(self, obj, root: int) -> list | None:
         return [obj] if self.comm is None else self.comm.gather(obj, root=root)
 
+    def alltoall(self, objs: list) -> list:
+        """objs[r] goes to rank r; returns what each rank sent this one, in rank order."""
+        return list(objs) if self.comm is None else self.comm.alltoall(objs)
+
     def bcast(self, obj):
         return obj if self.comm is None else self.comm.bcast(obj, root=0)
 
@@ -241,10 +251,6 @@ def settings_fingerprint(hidden: dict, kcfg) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _tile_signature(tokens: np.ndarray) -> list:
-    return [int(tokens[0]), int(tokens[-1]), int(len(tokens))]
-
-
 def unfinished_tiles(out_dir: Path, plan: TilePlan, settings: str) -> list[int]:
     """Tiles whose shard is missing, unreadable, or from another tiling or settings (rank 0)."""
     for stale in out_dir.glob("senses-*"):
@@ -263,7 +269,7 @@ def unfinished_tiles(out_dir: Path, plan: TilePlan, settings: str) -> list[int]:
             log.warning("%s; rebuilding tile %d", err, tile)
             todo.append(tile)
             continue
-        if (info.get("settings") != settings or info.get("tile_range") != _tile_signature(tokens)
+        if (info.get("settings") != settings or info.get("tile_range") != tile_signature(tokens)
                 or not np.isin(arrays["token_ids"], tokens).all()):
             log.info("%s holds another tile or other settings: rebuilding tile %d", path, tile)
             todo.append(tile)
@@ -273,79 +279,20 @@ def unfinished_tiles(out_dir: Path, plan: TilePlan, settings: str) -> list[int]:
 # ----------------------------------------------------------------------------- one tile
 
 
-def build_tile(tile: int, plan: TilePlan, spill: TileSpill, comm: Collectives, kcfg, xp, metrics, out_dir: Path,
-               settings: str) -> kmeans.TileResult:
-    """Cluster one tile on all ranks; rank tile % world writes its shard and examples."""
+def build_tile(tile: int, plan: TilePlan, spill: TileSpill, comm: Collectives, kcfg, xp, metrics) -> FinishedTile:
+    """Cluster one tile on all ranks; its examples and shard are left to a TileFinisher."""
     started, reduce_before = time.perf_counter(), comm.allreduce_seconds
     tokens = plan.tiles[tile]
     rows, meta = spill.read(tile)
     local, order = kmeans.make_local_tile(rows, np.searchsorted(tokens, meta["token"]), meta["priority"], len(tokens),
                                           xp, kcfg.spherical)
     del rows
-    meta = meta[order]
     result = kmeans.cluster_tile(local, kcfg, comm.allreduce, comm.allgather, xp, seed=tile,
                                  on_iteration=metrics.iteration, share=(comm.rank, comm.world))
-    winners, texts = _example_contexts(local, result, meta, spill, comm, kcfg.examples_per_sense)
-    writer = tile % comm.world
-    gathered = comm.gather(texts, root=writer)
-    if comm.rank == writer:
-        examples = _examples_by_token(winners, gathered, tokens, result.valid.sum(axis=1))
-        write_tile(out_dir, tile, tokens, result, examples, settings)
+    done = finished_tile(tile, tokens, local, result, meta[order], comm.rank, kcfg.examples_per_sense)
     seconds = time.perf_counter() - started
     metrics.tile(tile, result, seconds, (comm.allreduce_seconds - reduce_before) / max(seconds, 1e-9))
-    crash_point("build_dict.tile")
-    return result
-
-
-CANDIDATE = np.dtype([("slot", "<i8"), ("label", "<i8"), ("distance", "<f4"), ("priority", "<u8"),
-                      ("rank", "<i8"), ("row", "<i8")])
-"""An example candidate: its sense, its distance to it, its tie-break, and where its row is."""
-
-
-def _example_contexts(local, result: kmeans.TileResult, meta: np.ndarray, spill: TileSpill, comm: Collectives,
-                      limit: int) -> tuple[np.ndarray, list[str]]:
-    """(the tile's example winners in output order, this rank's texts of its own winners, in that order).
-
-    Each rank offers its `limit` nearest rows per sense; one allgather of these small records
-    lets every rank pick the same `limit` nearest per sense over all ranks, and each rank
-    reads the contexts (a JSON parse each) of its winners only: reading every candidate's
-    made each rank do as much as one rank alone did.
-    """
-    picked = kmeans.nearest_rows_per_sense(local, result, limit)
-    mine = np.zeros(len(picked), CANDIDATE)
-    mine["slot"], mine["label"] = local.slots[picked], backend.to_host(result.labels)[picked]
-    mine["distance"], mine["priority"] = backend.to_host(result.distances)[picked], local.priority[picked]
-    mine["rank"], mine["row"] = comm.rank, picked
-    offered = comm.allgather(mine)
-    order = np.lexsort((offered["priority"], offered["distance"], offered["label"], offered["slot"]))
-    group = offered["slot"][order] * (result.valid.shape[1] + 1) + offered["label"][order]
-    winners = offered[order[kmeans.rank_in_group(group) < limit]]
-    own = winners["row"][winners["rank"] == comm.rank]
-    return winners, spill.contexts(meta["sample"][own], meta["occurrence"][own])
-
-
-def _examples_by_token(winners: np.ndarray, texts_by_rank: list[list[str]], tokens: np.ndarray,
-                       senses_per_slot: np.ndarray) -> dict:
-    """{token id: [[text, ...] per sense]} from the winners and each rank's texts of its own, in winner order."""
-    texts = [iter(texts) for texts in texts_by_rank]
-    examples: dict = {}
-    for slot, label, rank in zip(winners["slot"].tolist(), winners["label"].tolist(), winners["rank"].tolist()):
-        senses = examples.setdefault(int(tokens[slot]), [[] for _ in range(senses_per_slot[slot])])
-        senses[label].append(next(texts[rank]))
-    return examples
-
-
-def write_tile(out_dir: Path, tile: int, tokens: np.ndarray, result: kmeans.TileResult, examples: dict,
-               settings: str) -> Path:
-    slots, offsets, centroids, counts = kmeans.tile_csr(result)
-    per_token = result.vectors_per_token
-    info = {
-        "tile": tile, "settings": settings, "tile_range": _tile_signature(tokens), "inertia": result.inertia,
-        "iterations": len(result.history), "vectors": int(per_token.sum()),
-        "kept_as_vectors": int(result.kept_as_vectors.sum()), "without_vectors": int((per_token == 0).sum()),
-    }
-    tile_senses = SenseDictionary(tokens[slots], offsets, centroids.astype(np.float32), counts, examples=examples)
-    return tile_senses.save_shard(out_dir, tile, info)
+    return done
 
 
 def index_body(hidden: dict, hidden_dir: Path, kcfg, plan: TilePlan, entries: list[dict], settings: str) -> dict:

@@ -126,6 +126,10 @@ class KMeansConfig:
     """Hidden rows a rank holds in memory while reading, bucketed by tile; past this it appends
     them to per-tile scratch files (RUN/dictionary/.work) and starts over (in batches of at least
     64 MB, so 0 spills everything as it goes). Does not change the dictionary."""
+    held_results_mb: int = 256
+    """Finished tiles held (their padded centres) before their example contexts are picked and
+    their shards written, all ranks together; a crash loses at most these. 0: each tile as it
+    finishes. Does not change the dictionary."""
 
     def validate(self) -> None:
         check_choice("kmeans.k_policy", self.k_policy, ("fixed", "mcl"))
@@ -133,6 +137,7 @@ class KMeansConfig:
             check_positive(f"kmeans.{name}", getattr(self, name))
         check_nonnegative("kmeans.examples_per_sense", self.examples_per_sense)
         check_nonnegative("kmeans.spill_memory_mb", self.spill_memory_mb)
+        check_nonnegative("kmeans.held_results_mb", self.held_results_mb)
         if self.tol < 0:
             raise ConfigError(f"kmeans.tol={self.tol}: must be >= 0")
         if self.mcl_inflation <= 1:

@@ -250,7 +250,9 @@ def test_killed_rank_then_rerun_gives_byte_identical_dictionary(tmp_path):
         (run_dir / "hidden").symlink_to(hidden_dir)
         args = ["--config", config, f"run_dir={run_dir}"]
         if name == "crashed":
-            proc = testing.run_mpirun(script, args, nproc=2, timeout=120, check=False,
+            # Tiles written as they finish (no held batch), so some are on disk at the kill; the
+            # rerun and the whole run hold them in one batch: the files must not differ.
+            proc = testing.run_mpirun(script, [*args, "kmeans.held_results_mb=0"], nproc=2, timeout=120, check=False,
                                       env={"DIST_SENSE_CRASH": "build_dict.tile:2:1"})
             assert proc.returncode != 0 and not (run_dir / "dictionary" / "index.json").exists()
             assert list((run_dir / "dictionary").glob("senses-*.safetensors")), "no tile finished before the kill"
