@@ -167,7 +167,7 @@ def lloyd_stats(local: LocalTile, chunks: list[Chunk], centres, valid, xp) -> np
     sums = xp.zeros((n_tokens, k_max, d), dtype=xp.float64)
     counts = xp.zeros((n_tokens, k_max), dtype=xp.float64)
     inertia = xp.zeros(n_tokens, dtype=xp.float64)
-    centre_sq = (centres * centres).sum(axis=-1)
+    centre_sq = xp.einsum("tkd,tkd->tk", centres, centres)  # no [T, K, d] temporary
     senses = xp.arange(k_max)
     for chunk in chunks:
         x, labels, nearest = _chunk_distances(local, chunk, centres, centre_sq, valid, xp)
@@ -190,7 +190,7 @@ def assign_senses(local: LocalTile, chunks: list[Chunk], centres, valid, xp):
     """(labels int64 [N], squared distances float32 [N]) of every local row, in row order."""
     labels = xp.zeros(len(local.slots), dtype=xp.int64)
     distances = xp.zeros(len(local.slots), dtype=xp.float32)
-    centre_sq = (centres * centres).sum(axis=-1)
+    centre_sq = xp.einsum("tkd,tkd->tk", centres, centres)
     for chunk in chunks:
         _, chunk_labels, nearest = _chunk_distances(local, chunk, centres, centre_sq, valid, xp)
         rows = chunk.rows[chunk.valid]
@@ -206,7 +206,9 @@ def update_centres(sums, counts, centres, valid, spherical: bool, xp):
         mean = sums / xp.maximum(xp.linalg.norm(sums, axis=2, keepdims=True), 1e-12)
     else:
         mean = sums / xp.maximum(counts, 1)[:, :, None]
-    return xp.where(filled[:, :, None], mean.astype(xp.float32), centres), valid & (counts == 0)
+    mean = mean.astype(xp.float32)
+    xp.copyto(mean, centres, where=~filled[:, :, None])  # senses nothing was nearest keep their place
+    return mean, valid & (counts == 0)
 
 
 def run_lloyd(local, chunks, sub, centres, valid, allreduce: Collective, xp, cfg, on_iteration=None, token_slots=None):
@@ -238,7 +240,8 @@ def run_lloyd(local, chunks, sub, centres, valid, allreduce: Collective, xp, cfg
         moving = to_device(np.flatnonzero(np.isin(planned, active)), xp)
         sums, counts, inertia = sums[moving], counts[moving], inertia[moving]
         at = to_device(active, xp)
-        updated, empty = update_centres(sums, counts, centres[at], valid[at], cfg.spherical, xp)
+        current = centres[at]
+        updated, empty = update_centres(sums, counts, current, valid[at], cfg.spherical, xp)
         reseeded = 0
         for group, first, end in groups:
             rows = np.flatnonzero((active >= first) & (active < end))
@@ -251,7 +254,8 @@ def run_lloyd(local, chunks, sub, centres, valid, allreduce: Collective, xp, cfg
             updated[rows_dev] = moved
             valid[at[rows_dev]] = still_valid
             reseeded += count
-        moved_by = ((updated - centres[at]) ** 2).sum(axis=(1, 2), dtype=xp.float64)
+        current -= updated  # now the move, in place: no further [A, K, d] temporaries
+        moved_by = xp.einsum("tkd,tkd->t", current, current, dtype=xp.float64)
         centres[at] = updated
         total = float(token_inertia.sum())
         history.append({"iteration": iteration, "inertia": total, "shift": float(moved_by.sum()), "reseeded": reseeded,

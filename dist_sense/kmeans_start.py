@@ -133,7 +133,7 @@ def gather_subsample(local: LocalTile, cap: np.ndarray, allgather: Callable[[np.
 def _sq_distances(points, sq, centres, xp):
     """[T, s, m] squared distances of points [T, s, d] (norms sq) to centres [T, m, d]."""
     cross = points @ centres.transpose(0, 2, 1)
-    return xp.maximum(sq[:, :, None] - 2 * cross + (centres * centres).sum(-1)[:, None, :], 0)
+    return xp.maximum(sq[:, :, None] - 2 * cross + xp.einsum("tmd,tmd->tm", centres, centres)[:, None, :], 0)
 
 
 def kmeans_plusplus(sub: Subsample, k: np.ndarray, rng: np.random.Generator, xp, share: tuple[int, int] = (0, 1),
