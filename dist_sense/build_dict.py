@@ -179,9 +179,6 @@ class Collectives:
         self.comm.Barrier()  # nobody frees the window while another rank may still claim
         window.Free()
 
-    def gather(self, obj, root: int) -> list | None:
-        return [obj] if self.comm is None else self.comm.gather(obj, root=root)
-
     def alltoall(self, objs: list) -> list:
         """objs[r] goes to rank r; returns what each rank sent this one, in rank order."""
         return list(objs) if self.comm is None else self.comm.alltoall(objs)

@@ -85,7 +85,7 @@ class TileFinisher:
         incoming = comm.alltoall([[t for t, w in zip(texts, writer_of) if w == r] for r in range(comm.world)])
         mine = winners[winners["tile"] % comm.world == comm.rank]
         sources = [iter(texts_from) for texts_from in incoming]
-        for done in self.held:
+        for done in sorted(self.held, key=lambda held: held.tile):  # the texts arrive in tile order
             if done.tile % comm.world != comm.rank:
                 continue
             chosen = mine[mine["tile"] == done.tile]
