@@ -49,6 +49,15 @@ def to_host(array) -> np.ndarray:
     return np.asarray(array)
 
 
+def array_module(array):
+    """numpy or cupy: the module whose array `array` is."""
+    if isinstance(array, np.ndarray):
+        return np
+    import cupy
+
+    return cupy.get_array_module(array)
+
+
 def to_device(array, xp):
     """`array` as an `xp` array (a no-op when it already is one)."""
     if xp is np:

@@ -58,7 +58,7 @@ def run(cfg) -> Path:
             spill.fill(_claimed(units, hidden_dir, counter), plan, todo, cfg.kmeans.seed, poll=counter.poll)
         metrics = Metrics(cfg.run_path / "tb" / "kmeans", enabled=comm.rank == 0)
         finisher = TileFinisher(comm, spill, out_dir, settings, cfg.kmeans.examples_per_sense,
-                                cfg.kmeans.held_results_mb << 20)
+                                cfg.kmeans.held_results_mb << 20, metrics.senses)
         for tile in _progress(todo, comm.rank == 0):
             finisher.add(build_tile(tile, plan, spill, comm, cfg.kmeans, xp, metrics))
             crash_point("build_dict.tile")
@@ -179,6 +179,10 @@ class Collectives:
         self.comm.Barrier()  # nobody frees the window while another rank may still claim
         window.Free()
 
+    def gather(self, obj) -> list | None:
+        """Every rank's object, in rank order, on rank 0 (None elsewhere)."""
+        return [obj] if self.comm is None else self.comm.gather(obj, root=0)
+
     def alltoall(self, objs: list) -> list:
         """objs[r] goes to rank r; returns what each rank sent this one, in rank order."""
         return list(objs) if self.comm is None else self.comm.alltoall(objs)
@@ -284,9 +288,10 @@ def build_tile(tile: int, plan: TilePlan, spill: TileSpill, comm: Collectives, k
     local, order = kmeans.make_local_tile(rows, np.searchsorted(tokens, meta["token"]), meta["priority"], len(tokens),
                                           xp, kcfg.spherical)
     del rows
+    # Tokens with no more vectors than k are left to the tile's writer (tile_finish), not gathered everywhere.
     result = kmeans.cluster_tile(local, kcfg, comm.allreduce, comm.allgather, xp, seed=tile,
-                                 on_iteration=metrics.iteration, share=(comm.rank, comm.world))
-    done = finished_tile(tile, tokens, local, result, meta[order], comm.rank, kcfg.examples_per_sense)
+                                 on_iteration=metrics.iteration, share=(comm.rank, comm.world), keep_small=False)
+    done = finished_tile(tile, tokens, local, result, meta[order], comm.rank, kcfg.examples_per_sense, xp)
     seconds = time.perf_counter() - started
     metrics.tile(tile, result, seconds, (comm.allreduce_seconds - reduce_before) / max(seconds, 1e-9))
     return done
@@ -335,15 +340,18 @@ class Metrics:
         self.step += 1
 
     def tile(self, tile: int, result: kmeans.TileResult, seconds: float, allreduce_share: float) -> None:
-        senses = result.valid.sum(axis=1)[result.vectors_per_token > 0]
-        log.debug("tile %d: %d tokens, %d senses, %d iterations, inertia %.4g, %.2fs (%.0f%% allreduce)", tile,
-                  len(senses), senses.sum(), len(result.history), result.inertia, seconds, 100 * allreduce_share)
+        log.debug("tile %d: %d tokens clustered into %d senses, %d kept as vectors, %d iterations, inertia %.4g, "
+                  "%.2fs (%.0f%% allreduce)", tile, len(result.slots), len(result.centroids),
+                  int(result.kept_as_vectors.sum()), len(result.history), result.inertia, seconds, 100 * allreduce_share)
         if self.writer is not None:
-            if len(senses):
-                self.writer.add_histogram("kmeans/senses_per_token", senses, tile)
             self.writer.add_scalar("kmeans/tile_inertia", result.inertia, tile)
             self.writer.add_scalar("speed/tile_s", seconds, tile)
             self.writer.add_scalar("speed/allreduce_share", allreduce_share, tile)
+
+    def senses(self, tile: int, per_token: np.ndarray) -> None:
+        """Senses of each token of a written tile (clustered and kept as vectors alike)."""
+        if self.writer is not None and len(per_token):
+            self.writer.add_histogram("kmeans/senses_per_token", per_token, tile)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -12,14 +12,15 @@ arrays; with the identity for both this is plain single-process k-means.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
 
 from .backend import to_device, to_host
-from .kmeans_start import (Subsample, distinct_rows, gather_rows, gather_subsample, kmeans_plusplus,  # noqa: F401
-                           plusplus_job, rank_in_group, reseed_empty, share_tokens, size_classes)
+from .kmeans_start import (DistinctSenses, GroupSubsample, Subsample, distinct_senses, gather_rows, gather_subsample,  # noqa: F401
+                           kmeans_plusplus, plusplus_job, rank_in_group, reseed_empty, senses_of_rows, share_tokens,
+                           size_classes)
 from .mcl import mcl_cluster_counts, senses_from_mcl
 
 Collective = Callable[[np.ndarray], np.ndarray]
@@ -56,26 +57,63 @@ class LocalTile:
 
 @dataclass
 class TileResult:
-    centres: np.ndarray
-    """float32 [T, K, d]: senses of each token, most frequent first; only `valid` entries are senses."""
-    valid: np.ndarray
-    """bool [T, K]."""
-    counts: np.ndarray
-    """int64 [T, K]: vectors (over all ranks) nearest each sense."""
+    """Senses of a tile's tokens in CSR layout (the layout of a dictionary shard), the same on every rank.
+
+    Most tokens of a real vocabulary have fewer vectors than k; a dense [T, K, d] block
+    per tile would be mostly padding (5x the senses on the demo corpus), and moving it
+    costs every rank alike.
+    """
+
+    slots: np.ndarray
+    """int64 [U]: slots (positions in the tile) of the tokens that have senses, ascending."""
+    offsets: np.ndarray
+    """int64 [U + 1]: the senses of slots[i] are rows offsets[i]:offsets[i+1], most frequent first."""
+    centroids: np.ndarray
+    """float32 [S, d]."""
+    sense_counts: np.ndarray
+    """int64 [S]: vectors (over all ranks) nearest each sense."""
     vectors_per_token: np.ndarray
     """int64 [T]: vectors of each token over all ranks."""
     kept_as_vectors: np.ndarray
-    """bool [T]: tokens with no more vectors than their k, whose senses are their distinct vectors."""
+    """bool [T]: tokens with no more vectors than their k, whose senses are their distinct vectors
+    (cluster_tile(keep_small=False) leaves their senses out: see with_distinct_senses)."""
     inertia: float
     """Sum over all ranks of squared distances to the nearest final sense."""
     history: list = field(default_factory=list)
     """Per Lloyd iteration: inertia, shift (summed squared centre movement) and reseeded senses."""
     labels: object = None
-    """xp int64 [N]: this rank's rows' sense (within their token), in LocalTile row order."""
+    """xp int64 [N]: this rank's rows' sense (within their token), in LocalTile row order; -1 where left out."""
     distances: object = None
     """xp float32 [N]: squared distance of each local row to its sense."""
     mcl_clusters: np.ndarray | None = None
     """int64 [T]: MCL clusters found per token (k_policy=mcl only)."""
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.vectors_per_token)
+
+    @property
+    def senses_per_token(self) -> np.ndarray:
+        """int64 [T]."""
+        per_token = np.zeros(self.n_tokens, dtype=np.int64)
+        per_token[self.slots] = np.diff(self.offsets)
+        return per_token
+
+    def dense(self):
+        """(centres [T, K, d], valid [T, K], counts [T, K]) with K the most senses of a token: for inspection."""
+        per_token = self.senses_per_token
+        k_max = max(1, int(per_token.max(initial=0)))
+        token = np.repeat(np.arange(self.n_tokens), per_token)
+        sense = rank_in_group(token)
+        centres = np.zeros((self.n_tokens, k_max, self.centroids.shape[1]), dtype=np.float32)
+        valid = np.zeros((self.n_tokens, k_max), dtype=bool)
+        counts = np.zeros((self.n_tokens, k_max), dtype=np.int64)
+        centres[token, sense], valid[token, sense], counts[token, sense] = self.centroids, True, self.sense_counts
+        return centres, valid, counts
+
+    centres = property(lambda self: self.dense()[0])
+    valid = property(lambda self: self.dense()[1])
+    counts = property(lambda self: self.dense()[2])
 
 
 def make_local_tile(vectors: np.ndarray, slots, priority, n_tokens: int, xp, spherical: bool = False):
@@ -187,8 +225,8 @@ def unpack_stats(packed, n_tokens: int, k_max: int, d: int):
 
 
 def assign_senses(local: LocalTile, chunks: list[Chunk], centres, valid, xp):
-    """(labels int64 [N], squared distances float32 [N]) of every local row, in row order."""
-    labels = xp.zeros(len(local.slots), dtype=xp.int64)
+    """(labels int64 [N], squared distances float32 [N]) of the local rows in `chunks`, in row order (-1, 0 elsewhere)."""
+    labels = xp.full(len(local.slots), -1, dtype=xp.int64)
     distances = xp.zeros(len(local.slots), dtype=xp.float32)
     centre_sq = xp.einsum("tkd,tkd->tk", centres, centres)
     for chunk in chunks:
@@ -220,7 +258,7 @@ def run_lloyd(local, chunks, sub, centres, valid, allreduce: Collective, xp, cfg
     iterations (its rows are no longer read nor reduced). Decisions use allreduced values
     only, so every rank takes the same ones. `chunks` must be planned for the centres' rows
     in order (plan_chunks(..., tokens=...)); `sub` is the Subsample of those tokens, or a
-    list of (Subsample, first, end) covering consecutive rows of `centres` (one per size
+    list of (Subsample or GroupSubsample, first, end) covering consecutive rows of `centres` (one per size
     group), used to re-seed empty senses. `token_slots`: the tile slot of each centre row
     (default: row i is slot i).
     """
@@ -247,8 +285,7 @@ def run_lloyd(local, chunks, sub, centres, valid, allreduce: Collective, xp, cfg
             rows = np.flatnonzero((active >= first) & (active < end))
             if len(rows) == 0 or not bool(empty[to_device(rows, xp)].any()):
                 continue  # nothing to re-seed: spare the copy of the group's subsample
-            members = to_device(active[rows] - first, xp)
-            part = Subsample(group.points[members], group.mask[members], group.counts[active[rows] - first])
+            part = group[active[rows] - first]
             rows_dev = to_device(rows, xp)
             moved, still_valid, count = reseed_empty(part, updated[rows_dev], valid[at][rows_dev], empty[rows_dev], xp)
             updated[rows_dev] = moved
@@ -274,38 +311,89 @@ def run_lloyd(local, chunks, sub, centres, valid, allreduce: Collective, xp, cfg
     return centres, valid, history
 
 
-def final_assignment(local, chunks, centres, valid, allreduce: Collective, xp):
-    """Labels and distances of the local rows under the final centres; global counts and inertia."""
-    n_tokens, k_max = valid.shape
+def final_assignment(local, chunks, centres, valid, allreduce: Collective, xp, token_slots=None):
+    """Labels and distances of the local rows under the final centres; global counts [B, K] and inertia.
+
+    centres/valid are per centre row, row i for tile slot token_slots[i] (default: slot i),
+    as `chunks` were planned; rows of other tokens get label -1.
+    """
+    n_rows, k_max = valid.shape
+    slots = np.arange(n_rows) if token_slots is None else np.asarray(token_slots)
     labels, distances = assign_senses(local, chunks, centres, valid, xp)
-    flat = to_host(to_device(local.slots, xp) * k_max + labels)
-    local_counts = np.bincount(flat, minlength=n_tokens * k_max).astype(np.float64)
+    position = np.full(local.n_tokens, -1, dtype=np.int64)
+    position[slots] = np.arange(n_rows)
+    host_labels = to_host(labels)
+    labelled = host_labels >= 0
+    flat = position[local.slots[labelled]] * k_max + host_labels[labelled]
+    local_counts = np.bincount(flat, minlength=n_rows * k_max).astype(np.float64)
     packed = allreduce(np.concatenate([local_counts, [float(distances.sum(dtype=xp.float64))]]))
-    counts = np.rint(packed[:-1]).astype(np.int64).reshape(n_tokens, k_max)
+    counts = np.rint(packed[:-1]).astype(np.int64).reshape(n_rows, k_max)
     return labels, distances, counts, float(packed[-1])
 
 
-def order_senses(centres, valid, counts: np.ndarray, labels, slots: np.ndarray, xp):
-    """Most frequent sense first; senses no vector is nearest to are dropped. Labels follow."""
+def order_senses(centres, valid, counts: np.ndarray, labels, row_slots: np.ndarray, token_slots: np.ndarray, xp):
+    """Most frequent sense first, senses no vector is nearest to dropped; labels follow.
+
+    centres/valid/counts are per centre row, row i for slot token_slots[i]; row_slots is
+    the slot of each local row (LocalTile.slots). Returns the
+    senses grouped by slot, ascending, as (slot of each sense [S], centroids [S, d] on the
+    host, counts [S]) and the local rows' labels renumbered (-1 stays -1). Only the kept
+    senses are copied, once.
+    """
+    token_slots = np.asarray(token_slots, dtype=np.int64)
     valid = to_host(valid) & (counts > 0)
     perm = np.argsort(-np.where(valid, counts, -1), axis=1, kind="stable")
-    tokens = np.arange(len(perm))[:, None]
     inverse = np.argsort(perm, axis=1, kind="stable")
-    labels = to_device(inverse, xp)[to_device(slots, xp), labels]
-    return to_host(centres)[tokens, perm], valid[tokens, perm], counts[tokens, perm], labels
+    kept = valid.sum(axis=1)
+    row = np.repeat(np.arange(len(kept)), kept)
+    row = row[np.argsort(token_slots[row], kind="stable")]  # by slot; each row's senses stay together, in order
+    source = perm[row, rank_in_group(row)]
+    centroids = to_host(centres[to_device(row, xp), to_device(source, xp)])
+    position = np.full(int(token_slots.max(initial=-1)) + 1, -1, dtype=np.int64)
+    position[token_slots] = np.arange(len(token_slots))
+    labelled = xp.flatnonzero(labels >= 0)
+    if len(labelled):
+        host_rows = to_host(labelled)
+        row_of = to_device(position[row_slots[host_rows]], xp)
+        labels[labelled] = to_device(inverse, xp)[row_of, labels[labelled]]
+    return token_slots[row], centroids, counts[row, source], labels
+
+
+def csr_senses(sense_slots: np.ndarray, centroids: np.ndarray, counts: np.ndarray):
+    """(slots, offsets, centroids, counts) of senses given per sense; a stable sort by slot keeps each token's order."""
+    sense_slots = np.asarray(sense_slots, dtype=np.int64)
+    if len(sense_slots) > 1 and (np.diff(sense_slots) < 0).any():
+        order = np.argsort(sense_slots, kind="stable")
+        sense_slots, centroids, counts = sense_slots[order], centroids[order], counts[order]
+    slots, per_slot = np.unique(sense_slots, return_counts=True)
+    offsets = np.zeros(len(slots) + 1, dtype=np.int64)
+    np.cumsum(per_slot, out=offsets[1:])
+    return slots, offsets, np.asarray(centroids, dtype=np.float32), np.asarray(counts, dtype=np.int64)
+
+
+def with_distinct_senses(result: TileResult, senses: DistinctSenses) -> TileResult:
+    """`result` plus the senses of its tokens kept as their distinct vectors."""
+    slot_of_sense = np.concatenate([np.repeat(result.slots, np.diff(result.offsets)), senses.slots])
+    slots, offsets, centroids, counts = csr_senses(slot_of_sense, np.concatenate([result.centroids, senses.points]),
+                                                   np.concatenate([result.sense_counts, senses.counts]))
+    return replace(result, slots=slots, offsets=offsets, centroids=centroids, sense_counts=counts)
 
 
 # ----------------------------------------------------------------------------- one tile
 
 
 def cluster_tile(local: LocalTile, cfg, allreduce: Collective = identity, allgather: Collective = identity, xp=np,
-                 seed: int = 0, k=None, on_iteration=None, share: tuple[int, int] = (0, 1)) -> TileResult:
+                 seed: int = 0, k=None, on_iteration=None, share: tuple[int, int] = (0, 1),
+                 keep_small: bool = True) -> TileResult:
     """Senses of every token of a tile: choose k, seed, iterate, count. Same result on every rank.
 
     `cfg` is a KMeansConfig; `seed` (the tile number) and cfg.seed seed k-means++;
     `k` (int or [T]) overrides the k policy (for tests and experiments). `share` is
     (rank, world): each rank seeds its share of the tokens (see kmeans_start.share_tokens);
-    (0, 1), or the same on every rank, does all of it everywhere.
+    (0, 1), or the same on every rank, does all of it everywhere. With keep_small=False
+    the tokens with no more vectors than their k are only marked (kept_as_vectors): their
+    vectors are not gathered, their rows keep label -1, and whoever holds all of them
+    adds their senses (build_dict does it on the tile's writer: with_distinct_senses).
     """
     n_tokens, d = local.n_tokens, int(local.vectors.shape[1])
     per_token = allreduce(np.bincount(local.slots, minlength=n_tokens).astype(np.int64))
@@ -319,61 +407,59 @@ def cluster_tile(local: LocalTile, cfg, allreduce: Collective = identity, allgat
         k = senses_from_mcl(clusters)
         del sub
     k = np.where(per_token > 0, np.broadcast_to(np.asarray(k, dtype=np.int64), (n_tokens,)), 0)
-    k_max = max(1, int(k.max(initial=1)))
     small = (per_token > 0) & (per_token <= k)
-    centres = xp.zeros((n_tokens, k_max, d), dtype=xp.float32)
-    valid = xp.zeros((n_tokens, k_max), dtype=bool)
     big = np.flatnonzero(per_token > k)
-    # One subsample gather for the tile: small tokens send all their vectors, the others
-    # max(their subsample, k). Then every size group is cut from it locally.
-    rows = gather_rows(local, np.where(small, per_token, np.where(per_token > k, np.maximum(cap, k), 0)), allgather, xp)
-    # Tokens with no more vectors than their k keep them; only the others are clustered.
-    small_slots = np.flatnonzero(small)
-    if len(small_slots):
-        slots, points = distinct_rows(rows, small_slots)
-        at = (to_device(slots, xp), to_device(rank_in_group(slots), xp))
-        centres[at] = to_device(points, xp)
-        valid[at] = True
+    # One subsample gather for the tile: the clustered tokens send max(their subsample, k)
+    # vectors, small tokens (if kept here) all of theirs. Every size group is cut from it locally.
+    cap = np.where(per_token > k, np.maximum(cap, k), 0)
+    rows = gather_rows(local, np.where(small, per_token, cap) if keep_small else cap, allgather, xp)
+    small_senses = None
+    if keep_small and small.any():
+        wanted = small[rows.slots]
+        small_senses = distinct_senses(rows.slots[wanted], rows.take(wanted))
     groups, jobs, order, first = [], [], [], 0
     rng = np.random.default_rng([cfg.seed, seed])
+    gathered = np.bincount(rows.slots, minlength=n_tokens)
     for members in size_classes(np.maximum(np.minimum(per_token[big], cfg.subsample), k[big])):
         slots = big[members]
-        sub = rows.padded(slots, xp)
+        sub = GroupSubsample(rows, slots, max(1, int(gathered[slots].max())), xp)  # padded as needed
         jobs.append(plusplus_job(sub, k[slots], rng, xp))
         groups.append((sub, first, first + len(slots)))
         order.append(slots)
         first += len(slots)
-    del rows
     # k-means++ for every size group, each rank its share of the tokens, one allgather.
     seeded = share_tokens(jobs, share, allgather, xp)
-    group_centres = [xp.pad(c, ((0, 0), (0, k_max - c.shape[1]), (0, 0))) for c, _ in seeded]
-    group_valid = [xp.pad(v, ((0, 0), (0, k_max - v.shape[1]))) for _, v in seeded]
-    history = []
+    history, inertia = [], 0.0
+    labels, distances = xp.full(len(local.slots), -1, dtype=xp.int64), xp.zeros(len(local.slots), dtype=xp.float32)
+    sense_slots, centroids, sense_counts = np.zeros(0, np.int64), np.zeros((0, d), np.float32), np.zeros(0, np.int64)
     if groups:
+        k_max = max(c.shape[1] for c, _ in seeded)
+        centres = xp.concatenate([xp.pad(c, ((0, 0), (0, k_max - c.shape[1]), (0, 0))) for c, _ in seeded])
+        valid = xp.concatenate([xp.pad(v, ((0, 0), (0, k_max - v.shape[1]))) for _, v in seeded])
         order = np.concatenate(order)
         chunks = plan_chunks(local.offsets, d, xp, tokens=order)
-        found, found_valid, history = run_lloyd(local, chunks, groups, xp.concatenate(group_centres),
-                                                xp.concatenate(group_valid), allreduce, xp, cfg, on_iteration, order)
-        at = to_device(order, xp)
-        centres[at], valid[at] = found, found_valid
-    labels, distances, counts, inertia = final_assignment(local, plan_chunks(local.offsets, d, xp), centres, valid,
-                                                          allreduce, xp)
-    centres, valid, counts, labels = order_senses(centres, valid, counts, labels, local.slots, xp)
-    return TileResult(centres, valid, counts, per_token, small, inertia, history, labels, distances, clusters)
+        centres, valid, history = run_lloyd(local, chunks, groups, centres, valid, allreduce, xp, cfg, on_iteration, order)
+        labels, distances, counts, inertia = final_assignment(local, chunks, centres, valid, allreduce, xp, order)
+        sense_slots, centroids, sense_counts, labels = order_senses(centres, valid, counts, labels, local.slots, order, xp)
+    result = TileResult(*csr_senses(sense_slots, centroids, sense_counts), per_token, small, inertia, history, labels,
+                        distances, clusters)
+    if small_senses is not None:
+        result = with_distinct_senses(result, small_senses)
+        mine = np.flatnonzero(small[local.slots])
+        found = senses_of_rows(small_senses, local.slots[mine], to_host(local.vectors[to_device(mine, xp)]))
+        result.labels[to_device(mine, xp)] = to_device(found, xp)
+    return result
 
 
 def tile_csr(result: TileResult):
     """(slots that have senses, offsets [T'+1], centroids [S, d], counts [S]) of a tile."""
-    per_token = result.valid.sum(axis=1)
-    slots = np.flatnonzero(per_token > 0)
-    offsets = np.zeros(len(slots) + 1, dtype=np.int64)
-    np.cumsum(per_token[slots], out=offsets[1:])
-    return slots, offsets, result.centres[result.valid], result.counts[result.valid]
+    return result.slots, result.offsets, result.centroids, result.sense_counts
 
 
 def nearest_rows_per_sense(local: LocalTile, result: TileResult, limit: int) -> np.ndarray:
     """Local rows closest to their sense, at most `limit` per sense (example contexts)."""
     labels, distances = to_host(result.labels), to_host(result.distances)
-    order = np.lexsort((local.priority, distances, labels, local.slots))
-    group = local.slots[order] * result.valid.shape[1] + labels[order]
+    labelled = np.flatnonzero(labels >= 0)  # rows left to another rank's finishing (keep_small=False) are not
+    order = labelled[np.lexsort((local.priority[labelled], distances[labelled], labels[labelled], local.slots[labelled]))]
+    group = local.slots[order] * (int(labels.max(initial=0)) + 1) + labels[order]
     return order[rank_in_group(group) < limit]

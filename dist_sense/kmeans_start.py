@@ -2,7 +2,7 @@
 
 Every rank derives the same subsample of each token's vectors (gather_subsample), so
 every rank takes the same k-means++ start and re-seeds empty senses the same way; tokens
-with no more vectors than their k keep their distinct vectors (distinct_rows). Used
+with no more vectors than their k keep their distinct vectors (distinct_senses). Used
 by kmeans.cluster_tile; arrays live on `xp` (cupy or numpy), collectives on host arrays.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from .backend import to_device, to_host
+from .backend import array_module, to_device, to_host
 
 if TYPE_CHECKING:
     from .kmeans import LocalTile
@@ -30,6 +30,14 @@ class Subsample:
     """xp bool [T, s]."""
     counts: np.ndarray
     """int64 [T]: valid points per token."""
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def __getitem__(self, tokens) -> "Subsample":
+        """The Subsample of some of the tokens (host indices), at the same width."""
+        at = tokens if isinstance(tokens, slice) else to_device(np.asarray(tokens), array_module(self.points))
+        return Subsample(self.points[at], self.mask[at], self.counts[tokens])
 
 
 def rank_in_group(sorted_groups: np.ndarray) -> np.ndarray:
@@ -64,8 +72,8 @@ class SubsampleRows:
         """Points of the sorted rows selected by the mask `keep`, in order."""
         return self.points[self.order[keep]]
 
-    def padded(self, tokens, xp) -> Subsample:
-        """The Subsample of `tokens` (sorted slots; None: all), row i for tokens[i], padded to the widest."""
+    def padded(self, tokens, xp, width: int | None = None) -> Subsample:
+        """The Subsample of `tokens` (slots; None: all), row i for tokens[i], padded to the widest (or `width`)."""
         slots, n_tokens = self.slots, self.n_tokens
         if tokens is not None:
             where = np.full(self.n_tokens, -1, dtype=np.int64)
@@ -74,13 +82,36 @@ class SubsampleRows:
         keep = slots >= 0
         slots, points = slots[keep], self.take(keep)
         counts = np.bincount(slots, minlength=n_tokens).astype(np.int64)
-        width = max(1, int(counts.max(initial=0)))
+        width = max(1, int(counts.max(initial=0)) if width is None else width)
         padded = np.zeros((n_tokens, width, self.points.shape[1]), dtype=np.float32)
         mask = np.zeros((n_tokens, width), dtype=bool)
         position = rank_in_group(slots)
         padded[slots, position] = points
         mask[slots, position] = True
         return Subsample(to_device(padded, xp), to_device(mask, xp), counts)
+
+
+@dataclass
+class GroupSubsample:
+    """The subsample of a group of tokens, padded only for the tokens asked for.
+
+    A rank seeds only its share of a group's tokens (share_tokens), and re-seeding needs
+    only the tokens with an empty sense, so padding the whole group on every rank is
+    wasted. Every part is padded to the group's width, so its arithmetic is that of the
+    whole group's block, row for row.
+    """
+
+    rows: SubsampleRows
+    slots: np.ndarray
+    """The group's token slots; index i means slots[i]."""
+    width: int
+    xp: object
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def __getitem__(self, tokens) -> Subsample:
+        return self.rows.padded(self.slots[tokens], self.xp, self.width)
 
 
 def gather_rows(local: LocalTile, cap: np.ndarray, allgather: Callable[[np.ndarray], np.ndarray], xp) -> SubsampleRows:
@@ -151,17 +182,19 @@ def kmeans_plusplus(sub: Subsample, k: np.ndarray, rng: np.random.Generator, xp,
     return result
 
 
-def plusplus_job(sub: Subsample, k: np.ndarray, rng: np.random.Generator, xp):
-    """kmeans_plusplus as a share_tokens job (n_tokens, compute); draws its numbers now, in call order."""
-    n_tokens = sub.points.shape[0]
+def plusplus_job(sub, k: np.ndarray, rng: np.random.Generator, xp):
+    """kmeans_plusplus as a share_tokens job (n_tokens, compute); draws its numbers now, in call order.
+
+    `sub`: a Subsample or a GroupSubsample (sub[tokens] is the Subsample of those tokens)."""
+    n_tokens = len(sub)
     k_max = max(1, int(k.max(initial=1)))
     # One stream for the whole group, in the order a single sequential run consumes it.
     first = rng.random(n_tokens)
     steps = rng.random((k_max - 1, n_tokens, 2 + int(math.log(k_max))))
 
     def seed(mine):
-        return _plusplus(sub.points[mine], sub.mask[mine], sub.counts[mine], k[mine], first[mine], steps[:, mine],
-                         k_max, xp)
+        part = sub[mine]
+        return _plusplus(part.points, part.mask, part.counts, k[mine], first[mine], steps[:, mine], k_max, xp)
 
     return n_tokens, seed
 
@@ -223,34 +256,90 @@ def share_tokens(jobs: list, share: tuple[int, int], allgather, xp) -> list[tupl
     return [tuple(to_device(out, xp) for out in whole) for whole in wholes]
 
 
-def distinct_rows(rows: SubsampleRows, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(slots [m], points [m, d]) the distinct vectors of each of `tokens`, grouped by slot.
+@dataclass
+class DistinctSenses:
+    """Senses of tokens with no more vectors than their k: their distinct vectors, most frequent first.
 
-    For tokens with no more vectors than their k: `rows` holds all of them, and they are
-    the senses (k-means on them would only rediscover them). Rows are compared through a
-    64-bit hash of their bits, sorted by (slot, hash); a row equal to the one before it is
-    dropped. Two different vectors of one token with the same hash (odds about 2^-64 a
-    pair) are both kept, as the check compares the rows themselves. Cheap enough that every
-    rank runs it on the whole tile, with no collective.
+    k-means on so few vectors would only rediscover them, so they are the senses. Built
+    from all of a token's vectors, wherever they were gathered (kmeans.cluster_tile, or the
+    tile's writer in build_dict), with the same result on any number of ranks.
     """
-    wanted = np.zeros(rows.n_tokens, dtype=bool)
-    wanted[tokens] = True
-    keep = wanted[rows.slots]
-    slots, points = rows.slots[keep], rows.take(keep)
-    if len(slots) == 0:
-        return slots, points
-    digest = (points.view(np.uint32).astype(np.uint64) * _row_hash_weights(points.shape[1])).sum(axis=1)  # wraps
+
+    slots: np.ndarray
+    """int64 [m]: token slot of each sense, ascending; within a slot, most frequent first."""
+    points: np.ndarray
+    """float32 [m, d]."""
+    counts: np.ndarray
+    """int64 [m]: how many of the vectors equal each sense."""
+    keys: np.ndarray
+    """uint64 [m]: row hash of each sense (to find other copies of its vector, senses_of_rows)."""
+    row_sense: np.ndarray
+    """int64 [n]: sense of each input row, as its index among its token's senses."""
+
+
+def row_hash(points: np.ndarray) -> np.ndarray:
+    """uint64 hash of each float32 row's bits (a weighted sum that wraps)."""
+    points = np.ascontiguousarray(points, dtype=np.float32)
+    return (points.view(np.uint32).astype(np.uint64) * _row_hash_weights(points.shape[1])).sum(axis=1)
+
+
+def distinct_senses(slots: np.ndarray, points: np.ndarray) -> DistinctSenses:
+    """The distinct rows of each slot and how often each occurs (see DistinctSenses).
+
+    Rows are compared through their hash, sorted by (slot, hash); a row equal to the one
+    before it is a repeat. Two different vectors of one token with the same hash (odds
+    about 2^-64 a pair) are both kept, as the check compares the rows themselves. Ties in
+    frequency keep hash order, so the order depends on the rows alone, not on their order.
+    """
+    slots = np.asarray(slots, dtype=np.int64)
+    points = np.asarray(points, dtype=np.float32)
+    digest = row_hash(points)
     order = np.lexsort((digest, slots))
-    slots, points, digest = slots[order], points[order], digest[order]
-    repeat = (slots[1:] == slots[:-1]) & (digest[1:] == digest[:-1])
-    repeat[repeat] = (points[1:][repeat] == points[:-1][repeat]).all(axis=1)
-    first = np.r_[True, ~repeat]
-    return slots[first], points[first]
+    sorted_slots, sorted_digest = slots[order], digest[order]
+    repeat = (sorted_slots[1:] == sorted_slots[:-1]) & (sorted_digest[1:] == sorted_digest[:-1])
+    same = np.flatnonzero(repeat)
+    repeat[same] = (points[order[same + 1]] == points[order[same]]).all(axis=1)
+    first = np.r_[True, ~repeat] if len(slots) else np.zeros(0, dtype=bool)
+    group = np.cumsum(first) - 1  # distinct row of each sorted row
+    counts = np.bincount(group, minlength=int(first.sum())).astype(np.int64)
+    distinct_slots = sorted_slots[first]
+    by_frequency = np.lexsort((np.arange(len(counts)), -counts, distinct_slots))
+    sense_of_distinct = np.empty(len(counts), dtype=np.int64)
+    sense_of_distinct[by_frequency] = rank_in_group(distinct_slots[by_frequency])
+    row_sense = np.empty(len(slots), dtype=np.int64)
+    row_sense[order] = sense_of_distinct[group]
+    at = np.flatnonzero(first)[by_frequency]
+    return DistinctSenses(distinct_slots[by_frequency], points[order[at]], counts[by_frequency], sorted_digest[at],
+                          row_sense)
+
+
+def senses_of_rows(senses: DistinctSenses, slots: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Index among its token's senses of each row, for rows whose vectors are among `senses`.
+
+    A search on (slot, hash) then an exact comparison; rows the search misses (a hash
+    shared by two vectors) are matched one by one.
+    """
+    slots = np.asarray(slots, dtype=np.int64)
+    within = rank_in_group(senses.slots)
+    table = (senses.slots.astype(np.uint64) << np.uint64(44)) ^ senses.keys  # a search key; matches are checked
+    by_key = np.argsort(table, kind="stable")
+    query = (slots.astype(np.uint64) << np.uint64(44)) ^ row_hash(points)
+    found = by_key[np.minimum(np.searchsorted(table[by_key], query), max(len(table) - 1, 0))] if len(table) else \
+        np.zeros(len(slots), dtype=np.int64)
+    matched = np.zeros(len(slots), dtype=bool)
+    if len(table):
+        matched = (senses.slots[found] == slots) & (senses.points[found] == points).all(axis=1)
+    for row in np.flatnonzero(~matched):
+        equal = np.flatnonzero((senses.slots == slots[row]) & (senses.points == points[row]).all(axis=1))
+        if len(equal) == 0:
+            raise ValueError(f"row {row} of slot {slots[row]} is not among the token's distinct vectors")
+        found[row] = equal[0]
+    return within[found]
 
 
 @functools.lru_cache(maxsize=4)
 def _row_hash_weights(d: int) -> np.ndarray:
-    """Fixed odd 64-bit multipliers, one per column, for distinct_rows' row hash."""
+    """Fixed odd 64-bit multipliers, one per column, for row_hash."""
     return np.random.default_rng(0x5E75E).integers(0, 2**63, size=d, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
 
 

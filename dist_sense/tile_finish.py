@@ -1,12 +1,15 @@
 """Finishing clustered tiles for build_dict: example contexts and dictionary shards, in batches.
 
-Each tile's clustering ends with every rank holding the same TileResult. What is left, the
-example contexts of each sense and the shard file, used to run per tile: a collective
-to pick the examples, a gather of their texts to the tile's writer, the writer's write,
-during which every other rank waited at the next tile's first collective. TileFinisher
-holds finished tiles until their results reach a memory budget (or the stage ends) and
-then finishes the whole batch with two collectives; the ranks then write their shards at
-the same time. A crash loses at most the held batch, which a rerun rebuilds.
+Each tile's clustering ends with every rank holding the same TileResult for the clustered
+tokens. What is left: the senses of the tokens kept as their distinct vectors (most tokens
+of a vocabulary have fewer vectors than k), the example contexts of each sense, and the
+shard file. Done per tile, each step would be a collective during which the ranks not
+writing that tile wait, and every rank would repeat the kept tokens' work. TileFinisher
+holds finished tiles until they reach a memory budget (or the stage ends), then finishes
+the batch: an alltoall sends each tile's kept rows to its writer (rank tile % world),
+which alone makes their senses; an allgather of the example candidates; an alltoall of
+the winners' texts to the writers; then all ranks write their shards at once. A crash
+loses at most the held batch, which a rerun rebuilds.
 """
 from __future__ import annotations
 
@@ -36,69 +39,113 @@ class FinishedTile:
     tile: int
     tokens: np.ndarray
     result: kmeans.TileResult
-    """The same on every rank; per-row labels and distances already dropped."""
+    """The same on every rank; per-row labels and distances already dropped. Senses of the
+    tokens kept as vectors are added on the writer when the tile is finished."""
     candidates: np.ndarray
-    """CANDIDATE records of this rank's rows nearest each sense."""
+    """CANDIDATE records of this rank's rows nearest each clustered sense."""
+    kept_rows: np.ndarray
+    """CANDIDATE records (label -1) of this rank's rows of tokens kept as their distinct vectors."""
+    kept_vectors: np.ndarray
+    """float32 [len(kept_rows), d]: those rows' vectors, for the tile's writer."""
+
+    @property
+    def held_bytes(self) -> int:
+        """What holding the tile costs, counted alike on every rank (the kept rows of all ranks)."""
+        result = self.result
+        kept = int(result.vectors_per_token[result.kept_as_vectors].sum())
+        return result.centroids.nbytes + kept * (result.centroids.shape[1] * 4 + CANDIDATE.itemsize)
 
 
 def finished_tile(tile: int, tokens: np.ndarray, local, result: kmeans.TileResult, meta: np.ndarray, rank: int,
-                  limit: int) -> FinishedTile:
-    """Keep this rank's `limit` nearest rows per sense as candidates, and the result without its per-row arrays."""
+                  limit: int, xp=np) -> FinishedTile:
+    """This rank's `limit` nearest rows per sense as candidates, its rows of tokens kept as vectors, the result
+    without its per-row arrays."""
+    labels = backend.to_host(result.labels)
+
+    def records(rows):
+        out = np.zeros(len(rows), CANDIDATE)
+        out["tile"], out["slot"], out["label"], out["priority"] = tile, local.slots[rows], labels[rows], local.priority[rows]
+        out["rank"], out["sample"], out["occurrence"] = rank, meta["sample"][rows], meta["occurrence"][rows]
+        return out
+
     picked = kmeans.nearest_rows_per_sense(local, result, limit)
-    mine = np.zeros(len(picked), CANDIDATE)
-    mine["tile"], mine["slot"], mine["label"] = tile, local.slots[picked], backend.to_host(result.labels)[picked]
-    mine["distance"], mine["priority"] = backend.to_host(result.distances)[picked], local.priority[picked]
-    mine["rank"], mine["sample"], mine["occurrence"] = rank, meta["sample"][picked], meta["occurrence"][picked]
+    candidates = records(picked)
+    candidates["distance"] = backend.to_host(result.distances)[picked]
+    kept = np.flatnonzero(result.kept_as_vectors[local.slots] & (labels < 0))
+    vectors = backend.to_host(local.vectors[backend.to_device(kept, xp)]).astype(np.float32, copy=False)
     result.labels = result.distances = None
-    return FinishedTile(tile, tokens, result, mine)
+    return FinishedTile(tile, tokens, result, candidates, records(kept), vectors)
 
 
 class TileFinisher:
     """Holds finished tiles and finishes them in batches (see the module docstring).
 
-    The budget counts the results' centre arrays, which are the same on every rank, so
-    every rank flushes after the same tile and the batch's collectives match up.
+    The budget counts what every rank counts alike (FinishedTile.held_bytes), so every rank
+    flushes after the same tile and the batch's collectives match up. `on_senses(tile,
+    senses per token)` runs on rank 0 for every finished tile (TensorBoard).
     """
 
-    def __init__(self, comm: Collectives, spill: TileSpill, out_dir: Path, settings: str, limit: int, budget_bytes: int):
+    def __init__(self, comm: Collectives, spill: TileSpill, out_dir: Path, settings: str, limit: int, budget_bytes: int,
+                 on_senses=None):
         self.comm, self.spill, self.out_dir, self.settings = comm, spill, out_dir, settings
-        self.limit, self.budget = limit, budget_bytes
+        self.limit, self.budget, self.on_senses = limit, budget_bytes, on_senses
         self.held: list[FinishedTile] = []
         self.held_bytes = 0
 
     def add(self, done: FinishedTile) -> None:
         self.held.append(done)
-        self.held_bytes += done.result.centres.nbytes
+        self.held_bytes += done.held_bytes
         if self.held_bytes >= self.budget:
             self.flush()
 
     def flush(self) -> None:
-        """Pick every held tile's examples over all ranks, read this rank's, route them to the writers, write."""
+        """Add the kept tokens' senses on the writers, pick every held tile's examples over all ranks, read this
+        rank's, route them to the writers, write."""
         if not self.held:
             return
         comm = self.comm
-        offered = comm.allgather(np.concatenate([done.candidates for done in self.held]))
-        winners = pick_examples(offered, max(int(d.result.valid.shape[1]) for d in self.held), self.limit)
+        self.held.sort(key=lambda held: held.tile)  # the same order on every rank: the exchanges below rely on it
+        writes = [done for done in self.held if done.tile % comm.world == comm.rank]
+        # The rows of tokens kept as vectors go to their tile's writer, which alone makes those senses.
+        outgoing = [[] for _ in range(comm.world)]
+        for done in self.held:
+            outgoing[done.tile % comm.world].append((done.kept_rows, done.kept_vectors))
+        incoming = comm.alltoall(outgoing)
+        kept_winners = []
+        for i, done in enumerate(writes):
+            rows = np.concatenate([parts[i][0] for parts in incoming])
+            senses = kmeans.distinct_senses(rows["slot"], np.concatenate([parts[i][1] for parts in incoming]))
+            rows["label"] = senses.row_sense
+            done.result = kmeans.with_distinct_senses(done.result, senses)
+            kept_winners.append(pick_examples(rows, self.limit))  # all at distance 0: the lowest priorities
+        offered = comm.allgather(np.concatenate([done.candidates for done in self.held] + kept_winners))
+        winners = pick_examples(offered, self.limit)
         own = winners[winners["rank"] == comm.rank]
         texts = self.spill.contexts(own["sample"], own["occurrence"])
         writer_of = own["tile"] % comm.world
         incoming = comm.alltoall([[t for t, w in zip(texts, writer_of) if w == r] for r in range(comm.world)])
         mine = winners[winners["tile"] % comm.world == comm.rank]
         sources = [iter(texts_from) for texts_from in incoming]
-        for done in sorted(self.held, key=lambda held: held.tile):  # the texts arrive in tile order
-            if done.tile % comm.world != comm.rank:
-                continue
+        senses = []
+        for done in writes:  # in tile order, as the texts arrive
             chosen = mine[mine["tile"] == done.tile]
-            examples = examples_by_token(chosen, sources, done.tokens, done.result.valid.sum(axis=1))
+            per_token = done.result.senses_per_token
+            examples = examples_by_token(chosen, sources, done.tokens, per_token)
             write_tile(self.out_dir, done.tile, done.tokens, done.result, examples, self.settings)
+            senses.append((done.tile, per_token[done.result.vectors_per_token > 0]))
+        reports = comm.gather(senses)
+        if comm.rank == 0 and self.on_senses is not None:
+            for tile, per_token in sorted((r for part in reports for r in part), key=lambda r: r[0]):
+                self.on_senses(tile, per_token)
         self.held, self.held_bytes = [], 0
 
 
-def pick_examples(offered: np.ndarray, k_max: int, limit: int) -> np.ndarray:
+def pick_examples(offered: np.ndarray, limit: int) -> np.ndarray:
     """The `limit` nearest candidates of each (tile, token, sense) over all ranks, sorted by (tile, slot, label, distance, priority)."""
     order = np.lexsort((offered["priority"], offered["distance"], offered["label"], offered["slot"], offered["tile"]))
     ranked = offered[order]
-    group = (ranked["tile"] * (int(ranked["slot"].max(initial=0)) + 1) + ranked["slot"]) * (k_max + 1) + ranked["label"]
+    senses = int(ranked["label"].max(initial=0)) + 1
+    group = (ranked["tile"] * (int(ranked["slot"].max(initial=0)) + 1) + ranked["slot"]) * senses + ranked["label"]
     return ranked[kmeans.rank_in_group(group) < limit]
 
 
