@@ -4,10 +4,11 @@
 process without a launcher works too. The ranks read the hidden shards once, in units
 of samples claimed from a shared counter, and bucket their rows by tile (tile_spill.py:
 in memory up to a budget, then in scratch files). Then, tile by tile, all ranks cluster
-the tile's tokens together (kmeans.cluster_tile: an allgathered subsample fixes k and
-the k-means++ start, Lloyd iterations cost one allreduce each). Finished tiles are held
-in batches whose examples are picked together and whose shards rank `tile % world`
-writes (tile_finish.py). A shard that exists and matches its tile and the settings is
+the tile's tokens that have more vectors than k together (kmeans.cluster_tile: an
+allgathered subsample fixes k and the k-means++ start, Lloyd iterations cost one
+allreduce each). Finished tiles are held in batches; each tile's writer rank then makes
+the senses of its tokens kept as their distinct vectors, the examples of the batch are
+picked together, and the writers write their shards at once (tile_finish.py). A shard that exists and matches its tile and the settings is
 final, so a rerun only builds the missing ones. index.json is written last, by rank 0.
 """
 from __future__ import annotations
@@ -51,7 +52,8 @@ def run(cfg) -> Path:
     log.info("%d tiles of up to %d tokens, %d to build, %d ranks on %s", len(plan.tiles), cfg.kmeans.tile_tokens,
              len(todo), comm.world, backend.name(xp))
     if todo:
-        units = work_units([(s["file"], s["samples"]) for s in hidden["shards"]], FILL_UNIT_SAMPLES)
+        units = work_units([(s["file"], s["samples"]) for s in hidden["shards"]], FILL_UNIT_SAMPLES,
+                           tail_samples=2 * comm.world * FILL_UNIT_SAMPLES, tail_unit=FILL_UNIT_SAMPLES // 4)
         spill = TileSpill(out_dir / ".work" / f"rank-{comm.rank:03d}", hidden["dtype"], int(hidden["d"]),
                           cfg.kmeans.spill_memory_mb << 20)
         with comm.work_counter() as counter:
@@ -77,7 +79,9 @@ def run(cfg) -> Path:
 
 FILL_UNIT_SAMPLES = 128
 """Samples per claimed reading unit: small enough that ranks finish reading within a unit of
-each other, large enough that a claim (one remote atomic add) and a seek are noise."""
+each other, large enough that a claim (one remote atomic add) and a seek are noise. The
+last two units per rank are cut in quarters (work_units' tail): the ranks then finish
+within a quarter unit of each other."""
 
 
 @dataclass

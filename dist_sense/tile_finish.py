@@ -6,8 +6,8 @@ of a vocabulary have fewer vectors than k), the example contexts of each sense, 
 shard file. Done per tile, each step would be a collective during which the ranks not
 writing that tile wait, and every rank would repeat the kept tokens' work. TileFinisher
 holds finished tiles until they reach a memory budget (or the stage ends), then finishes
-the batch: an alltoall sends each tile's kept rows to its writer (rank tile % world),
-which alone makes their senses; an allgather of the example candidates; an alltoall of
+the batch: an alltoall sends each tile's kept rows to its writer (assign_writers), which
+alone makes their senses; an allgather of the example candidates; an alltoall of
 the winners' texts to the writers; then all ranks write their shards at once. A crash
 loses at most the held batch, which a rerun rebuilds.
 """
@@ -91,6 +91,7 @@ class TileFinisher:
         self.limit, self.budget, self.on_senses = limit, budget_bytes, on_senses
         self.held: list[FinishedTile] = []
         self.held_bytes = 0
+        self.written_bytes = np.zeros(comm.world, dtype=np.int64)  # per writer, over all flushes
 
     def add(self, done: FinishedTile) -> None:
         self.held.append(done)
@@ -105,11 +106,13 @@ class TileFinisher:
             return
         comm = self.comm
         self.held.sort(key=lambda held: held.tile)  # the same order on every rank: the exchanges below rely on it
-        writes = [done for done in self.held if done.tile % comm.world == comm.rank]
+        tiles = np.array([done.tile for done in self.held])
+        writer = self.assign_writers()
+        writes = [done for done, w in zip(self.held, writer) if w == comm.rank]
         # The rows of tokens kept as vectors go to their tile's writer, which alone makes those senses.
         outgoing = [[] for _ in range(comm.world)]
-        for done in self.held:
-            outgoing[done.tile % comm.world].append((done.kept_rows, done.kept_vectors))
+        for done, w in zip(self.held, writer):
+            outgoing[w].append((done.kept_rows, done.kept_vectors))
         incoming = comm.alltoall(outgoing)
         kept_winners = []
         for i, done in enumerate(writes):
@@ -122,9 +125,9 @@ class TileFinisher:
         winners = pick_examples(offered, self.limit)
         own = winners[winners["rank"] == comm.rank]
         texts = self.spill.contexts(own["sample"], own["occurrence"])
-        writer_of = own["tile"] % comm.world
+        writer_of = writer[np.searchsorted(tiles, own["tile"])]
         incoming = comm.alltoall([[t for t, w in zip(texts, writer_of) if w == r] for r in range(comm.world)])
-        mine = winners[winners["tile"] % comm.world == comm.rank]
+        mine = winners[writer[np.searchsorted(tiles, winners["tile"])] == comm.rank]
         sources = [iter(texts_from) for texts_from in incoming]
         senses = []
         for done in writes:  # in tile order, as the texts arrive
@@ -138,6 +141,19 @@ class TileFinisher:
             for tile, per_token in sorted((r for part in reports for r in part), key=lambda r: r[0]):
                 self.on_senses(tile, per_token)
         self.held, self.held_bytes = [], 0
+
+    def assign_writers(self) -> np.ndarray:
+        """Writer rank of each held tile: largest first, each to the rank with the least written so far.
+
+        Tiles differ a lot in size (frequent tokens cluster into many senses); tile % world
+        would leave one rank writing the largest while the others wait at the end. Sizes are
+        counted alike on every rank, so every rank assigns alike.
+        """
+        writer = np.zeros(len(self.held), dtype=np.int64)
+        for i in sorted(range(len(self.held)), key=lambda i: (-self.held[i].held_bytes, self.held[i].tile)):
+            writer[i] = int(np.argmin(self.written_bytes))
+            self.written_bytes[writer[i]] += self.held[i].held_bytes
+        return writer
 
 
 def pick_examples(offered: np.ndarray, limit: int) -> np.ndarray:

@@ -26,16 +26,28 @@ CONTEXT_CHARS = 160
 """Characters of window text kept on each side of an example occurrence."""
 
 
-def work_units(shard_samples: list[tuple[str, int]], unit: int) -> list[tuple[str, int, int]]:
+def work_units(shard_samples: list[tuple[str, int]], unit: int, tail_samples: int = 0,
+               tail_unit: int | None = None) -> list[tuple[str, int, int]]:
     """The reading split into (file, first sample, end sample) runs of at most `unit` samples, files in name order.
 
     Ranks claim these one at a time from a shared counter (build_dict), so a rank slowed by
     its data or its core just claims fewer: every rank must finish reading before the first
-    tile's collective, and fixed shares left the others waiting for the slowest. Which rank
-    reads a sample never changes the dictionary (see occurrence_priority).
+    tile's collective, and fixed shares left the others waiting for the slowest. The last
+    `tail_samples` samples come in units of `tail_unit`, so the ranks' last claims are short
+    and they finish closer together. Which rank reads a sample never changes the dictionary
+    (see occurrence_priority).
     """
-    return [(file, start, min(start + unit, int(count)))
-            for file, count in sorted(shard_samples) for start in range(0, int(count), unit)]
+    total = sum(int(count) for _, count in shard_samples)
+    tail_from, small = total - tail_samples, tail_unit or unit
+    units, seen = [], 0
+    for file, count in sorted(shard_samples):
+        start = 0
+        while start < int(count):
+            stop = min(start + (unit if seen + start < tail_from else small), int(count))
+            units.append((file, start, stop))
+            start = stop
+        seen += int(count)
+    return units
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:

@@ -270,6 +270,10 @@ def test_reading_is_cut_into_units_in_shard_name_order():
     counts = [("hidden-r001-000000.tar", 5), ("hidden-r000-000000.tar", 300), ("hidden-r000-000001.tar", 0)]
     assert work_units(counts, 128) == [("hidden-r000-000000.tar", 0, 128), ("hidden-r000-000000.tar", 128, 256),
                                        ("hidden-r000-000000.tar", 256, 300), ("hidden-r001-000000.tar", 0, 5)]
+    # Units that start in the last 100 samples (sample 205 on, counting both files) hold at most 32.
+    assert work_units(counts, 128, tail_samples=100, tail_unit=32) == [
+        ("hidden-r000-000000.tar", 0, 128), ("hidden-r000-000000.tar", 128, 256), ("hidden-r000-000000.tar", 256, 288),
+        ("hidden-r000-000000.tar", 288, 300), ("hidden-r001-000000.tar", 0, 5)]
 
 
 @pytest.mark.slow
