@@ -58,6 +58,7 @@ def run(cfg) -> Path:
                           cfg.kmeans.spill_memory_mb << 20)
         with comm.work_counter() as counter:
             spill.fill(_claimed(units, hidden_dir, counter), plan, todo, cfg.kmeans.seed, poll=counter.poll)
+        spill.seal()  # after the counter's closing barrier: see TileSpill.seal
         metrics = Metrics(cfg.run_path / "tb" / "kmeans", enabled=comm.rank == 0)
         finisher = TileFinisher(comm, spill, out_dir, settings, cfg.kmeans.examples_per_sense,
                                 cfg.kmeans.held_results_mb << 20, metrics.senses)

@@ -124,9 +124,18 @@ class TileSpill:
                     meta["token"], meta["sample"], meta["occurrence"] = tokens[keep], len(self.doc_offsets) - 2, keep
                     meta["priority"] = occurrence_priority(seed, path.name, sample["key"], sample["pos"][keep])
                     self._add(tiles[keep], shards.encode_hidden(sample["hidden"][keep], self.dtype), meta)
-        self._held = {tile: (rows[block], meta[block]) for tile, rows, meta, block in self._by_tile()}
-        self._pending, self._pending_bytes = [], 0
         self.doc_offsets = np.asarray(self.doc_offsets, dtype=np.int64)
+
+    def seal(self) -> None:
+        """Bucket what fill left in memory by tile (read does it if not done; idempotent).
+
+        Separate from fill because it takes a while (a copy of every held row) and calls no
+        MPI: build_dict seals after the shared counter is closed, so another rank's last
+        claim, which needs this rank inside MPI, does not wait for it.
+        """
+        if self._pending:
+            self._held.update({tile: (rows[block], meta[block]) for tile, rows, meta, block in self._by_tile()})
+        self._pending, self._pending_bytes = [], 0
 
     def _add(self, tiles, rows, meta) -> None:
         self._pending.append((tiles, rows, meta))
@@ -158,6 +167,7 @@ class TileSpill:
 
     def read(self, tile: int) -> tuple[np.ndarray, np.ndarray]:
         """(float32 rows [n, d], META records [n]) of one tile on this rank: its scratch file, then what memory holds."""
+        self.seal()
         stored, metas = [], []
         if self._path(tile, "meta").is_file():
             stored.append(np.fromfile(self._path(tile, "vec"), dtype=self.STORAGE[self.dtype]).reshape(-1, self.d))
