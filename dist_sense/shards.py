@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
 import os
 import tarfile
 from pathlib import Path
@@ -169,28 +170,33 @@ class RankShardWriter:
 def sample_offsets(path: str | os.PathLike) -> list[int]:
     """Byte offset of each sample's first member header in a tar shard, from the headers alone.
 
-    Reads 512 bytes a member (about 2 us, where tarfile's member parsing costs ~35 us), so a
-    reader can start mid-shard. Members other than regular files (pax or GNU long-name
-    headers, directories), which SampleTar never writes, send it to tarfile's own scan.
+    Walks the headers through a memory map (about 1 us a member: no seek or read calls;
+    tarfile's member parsing costs ~35 us), so a reader can start mid-shard. Members other
+    than regular files (pax or GNU long-name headers, directories), which SampleTar never
+    writes, send it to tarfile's own scan.
     """
     offsets, key, at = [], None, 0
     with open(path, "rb") as f:
-        while True:
-            f.seek(at)
-            header = f.read(TAR_BLOCK)
-            if len(header) < TAR_BLOCK or header[0] == 0:
-                return offsets  # end-of-archive, or a truncation the reader reports
-            if header[156:157] not in (b"0", b"\0") or header[345] != 0:
-                return _tarfile_sample_offsets(Path(path))
-            try:
-                size = int(header[124:136].strip(b"\0 ") or b"0", 8)
-            except ValueError:
-                raise ShardError(f"{path}: corrupted tar header at byte {at}; delete the shard and rerun the stage") from None
-            base = header[:100].split(b"\0", 1)[0].partition(b".")[0]
-            if base != key:
-                offsets.append(at)
-                key = base
-            at += TAR_BLOCK + -(-size // TAR_BLOCK) * TAR_BLOCK
+        if os.fstat(f.fileno()).st_size < TAR_BLOCK:
+            return offsets  # empty or truncated: the reader reports it
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            end = len(data)
+            while at + TAR_BLOCK <= end:
+                header = data[at : at + TAR_BLOCK]
+                if header[0] == 0:
+                    break  # end-of-archive
+                if header[156:157] not in (b"0", b"\0") or header[345] != 0:
+                    return _tarfile_sample_offsets(Path(path))
+                try:
+                    size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+                except ValueError:
+                    raise ShardError(f"{path}: corrupted tar header at byte {at}; delete the shard and rerun the stage") from None
+                base = header[:100].split(b"\0", 1)[0].partition(b".")[0]
+                if base != key:
+                    offsets.append(at)
+                    key = base
+                at += TAR_BLOCK + -(-size // TAR_BLOCK) * TAR_BLOCK
+    return offsets
 
 
 def _tarfile_sample_offsets(path: Path) -> list[int]:

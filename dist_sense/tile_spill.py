@@ -17,6 +17,8 @@ import numpy as np
 from . import shards
 
 SPILL_BATCH_BYTES = 64 << 20
+BLOCK_BYTES = 8 << 20
+"""Held rows are merged into blocks of about this much, indexed by tile when reading ends."""
 """Spilled rows go to the scratch files in batches of at least this much (one append per tile a batch)."""
 
 if TYPE_CHECKING:
@@ -93,9 +95,11 @@ class TileSpill:
         directory.mkdir(parents=True)
         self.directory, self.dtype, self.d, self.memory_bytes = directory, dtype, d, memory_bytes
         self.doc_offsets = [0]
-        self._pending: list = []
+        self._pending: list = []  # per sample (tiles, rows, meta), merged into a block every BLOCK_BYTES
         self._pending_bytes = 0
-        self._held: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # tile -> (rows, meta) kept in memory
+        self._blocks: list = []  # (tiles, rows, meta) of many samples each
+        self._blocks_bytes = 0
+        self._held: dict[int, list] = {}  # after seal: tile -> [(rows, meta, indices) per block]
 
     def fill(self, units: Iterable[tuple[Path, int, int]], plan: TilePlan, todo: list[int], seed: int,
              poll: Callable[[], object] = lambda: None) -> None:
@@ -127,40 +131,53 @@ class TileSpill:
         self.doc_offsets = np.asarray(self.doc_offsets, dtype=np.int64)
 
     def seal(self) -> None:
-        """Bucket what fill left in memory by tile (read does it if not done; idempotent).
+        """Index what fill left in memory by tile (read does it if not done; idempotent).
 
-        Separate from fill because it takes a while (a copy of every held row) and calls no
-        MPI: build_dict seals after the shared counter is closed, so another rank's last
-        claim, which needs this rank inside MPI, does not wait for it.
+        Separate from fill, although it only sorts tile numbers (no rows are copied), because
+        it calls no MPI: build_dict seals after the shared counter is closed, so another
+        rank's last claim, which needs this rank inside MPI, never waits for it.
         """
-        if self._pending:
-            self._held.update({tile: (rows[block], meta[block]) for tile, rows, meta, block in self._by_tile()})
-        self._pending, self._pending_bytes = [], 0
+        self._merge()
+        for tile, pieces in self._by_tile().items():
+            self._held.setdefault(tile, []).extend(pieces)
+        self._blocks, self._blocks_bytes = [], 0
 
     def _add(self, tiles, rows, meta) -> None:
         self._pending.append((tiles, rows, meta))
         self._pending_bytes += rows.nbytes + meta.nbytes
-        if self._pending_bytes >= max(self.memory_bytes, SPILL_BATCH_BYTES):
+        if self._pending_bytes + self._blocks_bytes >= max(self.memory_bytes, SPILL_BATCH_BYTES):
+            self._merge()
             self._flush()
+        elif self._pending_bytes >= BLOCK_BYTES:
+            self._merge()
 
-    def _by_tile(self):
-        """(tile, rows, meta, row indices of that tile) over what is held, one group per tile."""
+    def _merge(self) -> None:
+        """One block of the pending samples' rows (a sample's rows alone are too small to index one by one)."""
         if not self._pending:
             return
-        tiles, rows, meta = (np.concatenate([p[i] for p in self._pending]) for i in range(3))
-        self._pending = []
-        order = np.argsort(tiles, kind="stable")
-        present, starts = np.unique(tiles[order], return_index=True)
-        for tile, block in zip(present.tolist(), np.split(order, starts[1:])):
-            yield tile, rows, meta, block
+        self._blocks.append(tuple(np.concatenate([p[i] for p in self._pending]) for i in range(3)))
+        self._blocks_bytes += self._pending_bytes
+        self._pending, self._pending_bytes = [], 0
+
+    def _by_tile(self) -> dict[int, list]:
+        """tile -> [(rows, meta, indices of that tile's rows) per block] over the blocks."""
+        pieces: dict[int, list] = {}
+        for tiles, rows, meta in self._blocks:
+            order = np.argsort(tiles, kind="stable")
+            present, starts = np.unique(tiles[order], return_index=True)
+            for tile, block in zip(present.tolist(), np.split(order, starts[1:])):
+                pieces.setdefault(tile, []).append((rows, meta, block))
+        return pieces
 
     def _flush(self) -> None:
-        for tile, rows, meta, block in self._by_tile():  # one append per tile, not per row
+        for tile, pieces in self._by_tile().items():  # one append per tile and block, not per row
             with open(self._path(tile, "vec"), "ab") as f:
-                rows[block].tofile(f)
+                for rows, _, block in pieces:
+                    rows[block].tofile(f)
             with open(self._path(tile, "meta"), "ab") as f:
-                meta[block].tofile(f)
-        self._pending_bytes = 0
+                for _, meta, block in pieces:
+                    meta[block].tofile(f)
+        self._blocks, self._blocks_bytes = [], 0
 
     def _path(self, tile: int, kind: str) -> Path:
         return self.directory / f"tile-{int(tile):05d}.{kind}"
@@ -172,23 +189,34 @@ class TileSpill:
         if self._path(tile, "meta").is_file():
             stored.append(np.fromfile(self._path(tile, "vec"), dtype=self.STORAGE[self.dtype]).reshape(-1, self.d))
             metas.append(np.fromfile(self._path(tile, "meta"), dtype=self.META))
-        if tile in self._held:
-            rows, meta = self._held.pop(tile)  # each tile is read once: memory shrinks as tiles finish
-            stored.append(rows)
-            metas.append(meta)
-        if not stored:
-            return np.zeros((0, self.d), np.float32), np.zeros(0, self.META)
-        join = (lambda parts: parts[0] if len(parts) == 1 else np.concatenate(parts))
-        return shards.decode_hidden(join(stored), self.dtype), join(metas)
+        pieces = self._held.pop(tile, [])  # each tile is read once; a block is freed once all its tiles are
+        n = sum(len(p) for p in stored) + sum(len(block) for _, _, block in pieces)
+        rows = np.empty((n, self.d), self.STORAGE[self.dtype])
+        meta = np.empty(n, self.META)
+        at = 0
+        for part, part_meta in zip(stored, metas):
+            rows[at : at + len(part)], meta[at : at + len(part)] = part, part_meta
+            at += len(part)
+        for block_rows, block_meta, block in pieces:  # gathered straight into place: one copy
+            np.take(block_rows, block, axis=0, out=rows[at : at + len(block)])
+            np.take(block_meta, block, out=meta[at : at + len(block)])
+            at += len(block)
+        return shards.decode_hidden(rows, self.dtype), meta
 
     def contexts(self, samples: np.ndarray, occurrences: np.ndarray) -> list[str]:
-        """Marked example texts of (sample, occurrence) pairs."""
-        texts = []
+        """Marked example texts of (sample, occurrence) pairs; each sample's text is read and parsed once."""
+        samples = np.asarray(samples, dtype=np.int64)
+        texts = [""] * len(samples)
+        order = np.argsort(samples, kind="stable")
         with open(self.directory / "contexts.bin", "rb") as f:
-            for sample, occurrence in zip(samples.tolist(), occurrences.tolist()):
-                f.seek(int(self.doc_offsets[sample]))
-                doc = json.loads(f.read(int(self.doc_offsets[sample + 1] - self.doc_offsets[sample])))
-                texts.append(mark_occurrence(doc, occurrence))
+            current, doc = -1, None
+            for i, sample, occurrence in zip(order.tolist(), samples[order].tolist(),
+                                             np.asarray(occurrences)[order].tolist()):
+                if sample != current:
+                    f.seek(int(self.doc_offsets[sample]))
+                    doc = json.loads(f.read(int(self.doc_offsets[sample + 1] - self.doc_offsets[sample])))
+                    current = sample
+                texts[i] = mark_occurrence(doc, occurrence)
         return texts
 
     def remove(self) -> None:
