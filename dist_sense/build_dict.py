@@ -51,6 +51,7 @@ def run(cfg) -> Path:
     todo = comm.bcast(unfinished_tiles(out_dir, plan, settings) if comm.rank == 0 else None)
     log.info("%d tiles of up to %d tokens, %d to build, %d ranks on %s", len(plan.tiles), cfg.kmeans.tile_tokens,
              len(todo), comm.world, backend.name(xp))
+    written: dict[int, dict] = {}  # index entries of the tiles built now (rank 0)
     if todo:
         units = work_units([(s["file"], s["samples"]) for s in hidden["shards"]], FILL_UNIT_SAMPLES,
                            tail_samples=2 * comm.world * FILL_UNIT_SAMPLES, tail_unit=FILL_UNIT_SAMPLES // 4)
@@ -66,11 +67,12 @@ def run(cfg) -> Path:
             finisher.add(build_tile(tile, plan, spill, comm, cfg.kmeans, xp, metrics))
             crash_point("build_dict.tile")
         finisher.flush()
+        written = finisher.entries
         metrics.close()
         spill.remove()
     comm.barrier()
     if comm.rank == 0:
-        entries = [shard_entry(out_dir, tile) for tile in range(len(plan.tiles))]
+        entries = [written.get(tile) or shard_entry(out_dir, tile) for tile in range(len(plan.tiles))]
         write_index(out_dir, index_body(hidden, hidden_dir, cfg.kmeans, plan, entries, settings), entries)
         shutil.rmtree(out_dir / ".work", ignore_errors=True)
         log.info("wrote %s", out_dir / "index.json")
@@ -143,7 +145,9 @@ class Collectives:
         from mpi4py import MPI
 
         array = np.ascontiguousarray(array)
-        rows = self.comm.allgather(int(array.shape[0]))
+        counts = np.zeros(self.world, dtype=np.int64)
+        self.comm.Allgather(np.array([array.shape[0]], dtype=np.int64), counts)  # one collective; a pickled int is two
+        rows = counts.tolist()
         out = np.empty((sum(rows),) + array.shape[1:], dtype=array.dtype)
         row_bytes = array.dtype.itemsize * int(np.prod(array.shape[1:], dtype=np.int64))
         if sum(rows) == 0 or row_bytes == 0:

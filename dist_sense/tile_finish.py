@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import backend, kmeans
-from .dictionary import SenseDictionary
+from .dictionary import SenseDictionary, shard_entry
 
 if TYPE_CHECKING:
     from .build_dict import Collectives
@@ -92,6 +92,7 @@ class TileFinisher:
         self.held: list[FinishedTile] = []
         self.held_bytes = 0
         self.written_bytes = np.zeros(comm.world, dtype=np.int64)  # per writer, over all flushes
+        self.entries: dict[int, dict] = {}  # rank 0: index.json entry of every tile written, from its writer
 
     def add(self, done: FinishedTile) -> None:
         self.held.append(done)
@@ -129,17 +130,19 @@ class TileFinisher:
         incoming = comm.alltoall([[t for t, w in zip(texts, writer_of) if w == r] for r in range(comm.world)])
         mine = winners[writer[np.searchsorted(tiles, winners["tile"])] == comm.rank]
         sources = [iter(texts_from) for texts_from in incoming]
-        senses = []
+        written = []
         for done in writes:  # in tile order, as the texts arrive
             chosen = mine[mine["tile"] == done.tile]
             per_token = done.result.senses_per_token
             examples = examples_by_token(chosen, sources, done.tokens, per_token)
             write_tile(self.out_dir, done.tile, done.tokens, done.result, examples, self.settings)
-            senses.append((done.tile, per_token[done.result.vectors_per_token > 0]))
-        reports = comm.gather(senses)
-        if comm.rank == 0 and self.on_senses is not None:
-            for tile, per_token in sorted((r for part in reports for r in part), key=lambda r: r[0]):
-                self.on_senses(tile, per_token)
+            written.append((done.tile, per_token[done.result.vectors_per_token > 0], shard_entry(self.out_dir, done.tile)))
+        reports = comm.gather(written)  # rank 0 then needs to read no shard back for the index
+        if comm.rank == 0:
+            for tile, per_token, entry in sorted((r for part in reports for r in part), key=lambda r: r[0]):
+                self.entries[tile] = entry
+                if self.on_senses is not None:
+                    self.on_senses(tile, per_token)
         self.held, self.held_bytes = [], 0
 
     def assign_writers(self) -> np.ndarray:
