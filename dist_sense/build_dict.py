@@ -8,8 +8,9 @@ the tile's tokens that have more vectors than k together (kmeans.cluster_tile: a
 allgathered subsample fixes k and the k-means++ start, Lloyd iterations cost one
 allreduce each). Finished tiles are held in batches; each tile's writer rank then makes
 the senses of its tokens kept as their distinct vectors, the examples of the batch are
-picked together, and the writers write their shards at once (tile_finish.py). A shard that exists and matches its tile and the settings is
-final, so a rerun only builds the missing ones. index.json is written last, by rank 0.
+picked together, and the writers write their shards at once (tile_finish.py). A shard
+that exists and matches its tile and the settings is final, so a rerun only builds the
+missing ones. index.json is written last, by rank 0.
 """
 from __future__ import annotations
 
@@ -351,7 +352,8 @@ class Metrics:
     def tile(self, tile: int, result: kmeans.TileResult, seconds: float, allreduce_share: float) -> None:
         log.debug("tile %d: %d tokens clustered into %d senses, %d kept as vectors, %d iterations, inertia %.4g, "
                   "%.2fs (%.0f%% allreduce)", tile, len(result.slots), len(result.centroids),
-                  int(result.kept_as_vectors.sum()), len(result.history), result.inertia, seconds, 100 * allreduce_share)
+                  int(result.kept_as_vectors.sum()), len(result.history), result.inertia, seconds,
+                  100 * allreduce_share)
         if self.writer is not None:
             self.writer.add_scalar("kmeans/tile_inertia", result.inertia, tile)
             self.writer.add_scalar("speed/tile_s", seconds, tile)

@@ -18,8 +18,8 @@ from typing import Callable
 import numpy as np
 
 from .backend import to_device, to_host
-from .kmeans_start import (DistinctSenses, GroupSubsample, Subsample, distinct_senses, gather_rows, gather_subsample,  # noqa: F401
-                           kmeans_plusplus, plusplus_job, rank_in_group, reseed_empty, senses_of_rows, share_tokens,
+from .kmeans_start import (DistinctSenses, GroupSubsample, Subsample, distinct_senses,  # noqa: F401
+                           gather_rows, gather_subsample, kmeans_plusplus, plusplus_job, rank_in_group, reseed_empty, senses_of_rows, share_tokens,
                            size_classes)
 from .mcl import mcl_cluster_counts, senses_from_mcl
 
@@ -225,7 +225,9 @@ def unpack_stats(packed, n_tokens: int, k_max: int, d: int):
 
 
 def assign_senses(local: LocalTile, chunks: list[Chunk], centres, valid, xp):
-    """(labels int64 [N], squared distances float32 [N]) of the local rows in `chunks`, in row order (-1, 0 elsewhere)."""
+    """(labels int64 [N], squared distances float32 [N]) of the local rows in `chunks`, in row order.
+
+    Rows of tokens no chunk covers get label -1 and distance 0."""
     labels = xp.full(len(local.slots), -1, dtype=xp.int64)
     distances = xp.zeros(len(local.slots), dtype=xp.float32)
     centre_sq = xp.einsum("tkd,tkd->tk", centres, centres)
@@ -409,17 +411,39 @@ def cluster_tile(local: LocalTile, cfg, allreduce: Collective = identity, allgat
     k = np.where(per_token > 0, np.broadcast_to(np.asarray(k, dtype=np.int64), (n_tokens,)), 0)
     small = (per_token > 0) & (per_token <= k)
     big = np.flatnonzero(per_token > k)
-    # One subsample gather for the tile: the clustered tokens send max(their subsample, k)
-    # vectors, small tokens (if kept here) all of theirs. Every size group is cut from it locally.
-    cap = np.where(per_token > k, np.maximum(cap, k), 0)
-    rows = gather_rows(local, np.where(small, per_token, cap) if keep_small else cap, allgather, xp)
-    small_senses = None
-    if keep_small and small.any():
-        wanted = small[rows.slots]
-        small_senses = distinct_senses(rows.slots[wanted], rows.take(wanted))
+    keep_here = keep_small and bool(small.any())
+    senses = (np.zeros(0, np.int64), np.zeros((0, d), np.float32), np.zeros(0, np.int64))  # (slot, centroid, count)
+    labels, distances = xp.full(len(local.slots), -1, dtype=xp.int64), xp.zeros(len(local.slots), dtype=xp.float32)
+    inertia, history, small_senses = 0.0, [], None
+    if len(big) or keep_here:  # decided from allreduced counts, so every rank skips the collectives alike
+        # One subsample gather for the tile: the clustered tokens send max(their subsample, k)
+        # vectors, small tokens (if kept here) all of theirs. Every size group is cut from it locally.
+        cap = np.where(per_token > k, np.maximum(cap, k), 0)
+        rows = gather_rows(local, np.where(small, per_token, cap) if keep_small else cap, allgather, xp)
+        if keep_here:
+            wanted = small[rows.slots]
+            small_senses = distinct_senses(rows.slots[wanted], rows.take(wanted))
+        if len(big):
+            senses, labels, distances, inertia, history = _cluster_tokens(
+                local, rows, big, k, per_token, cfg, allreduce, allgather, xp, seed, on_iteration, share)
+    result = TileResult(*csr_senses(*senses), per_token, small, inertia, history, labels, distances, clusters)
+    if small_senses is not None:
+        result = with_distinct_senses(result, small_senses)
+        mine = np.flatnonzero(small[local.slots])
+        found = senses_of_rows(small_senses, local.slots[mine], to_host(local.vectors[to_device(mine, xp)]))
+        result.labels[to_device(mine, xp)] = to_device(found, xp)
+    return result
+
+
+def _cluster_tokens(local, rows, big, k, per_token, cfg, allreduce, allgather, xp, seed, on_iteration, share):
+    """k-means++ then Lloyd for the tokens `big` (slots) of a tile, from the gathered subsample `rows`.
+
+    Returns ((slot, centroid, count) per sense, labels, distances, inertia, history).
+    """
+    d = int(local.vectors.shape[1])
     groups, jobs, order, first = [], [], [], 0
     rng = np.random.default_rng([cfg.seed, seed])
-    gathered = np.bincount(rows.slots, minlength=n_tokens)
+    gathered = np.bincount(rows.slots, minlength=local.n_tokens)
     for members in size_classes(np.maximum(np.minimum(per_token[big], cfg.subsample), k[big])):
         slots = big[members]
         sub = GroupSubsample(rows, slots, max(1, int(gathered[slots].max())), xp)  # padded as needed
@@ -429,26 +453,15 @@ def cluster_tile(local: LocalTile, cfg, allreduce: Collective = identity, allgat
         first += len(slots)
     # k-means++ for every size group, each rank its share of the tokens, one allgather.
     seeded = share_tokens(jobs, share, allgather, xp)
-    history, inertia = [], 0.0
-    labels, distances = xp.full(len(local.slots), -1, dtype=xp.int64), xp.zeros(len(local.slots), dtype=xp.float32)
-    sense_slots, centroids, sense_counts = np.zeros(0, np.int64), np.zeros((0, d), np.float32), np.zeros(0, np.int64)
-    if groups:
-        k_max = max(c.shape[1] for c, _ in seeded)
-        centres = xp.concatenate([xp.pad(c, ((0, 0), (0, k_max - c.shape[1]), (0, 0))) for c, _ in seeded])
-        valid = xp.concatenate([xp.pad(v, ((0, 0), (0, k_max - v.shape[1]))) for _, v in seeded])
-        order = np.concatenate(order)
-        chunks = plan_chunks(local.offsets, d, xp, tokens=order)
-        centres, valid, history = run_lloyd(local, chunks, groups, centres, valid, allreduce, xp, cfg, on_iteration, order)
-        labels, distances, counts, inertia = final_assignment(local, chunks, centres, valid, allreduce, xp, order)
-        sense_slots, centroids, sense_counts, labels = order_senses(centres, valid, counts, labels, local.slots, order, xp)
-    result = TileResult(*csr_senses(sense_slots, centroids, sense_counts), per_token, small, inertia, history, labels,
-                        distances, clusters)
-    if small_senses is not None:
-        result = with_distinct_senses(result, small_senses)
-        mine = np.flatnonzero(small[local.slots])
-        found = senses_of_rows(small_senses, local.slots[mine], to_host(local.vectors[to_device(mine, xp)]))
-        result.labels[to_device(mine, xp)] = to_device(found, xp)
-    return result
+    k_max = max(c.shape[1] for c, _ in seeded)
+    centres = xp.concatenate([xp.pad(c, ((0, 0), (0, k_max - c.shape[1]), (0, 0))) for c, _ in seeded])
+    valid = xp.concatenate([xp.pad(v, ((0, 0), (0, k_max - v.shape[1]))) for _, v in seeded])
+    order = np.concatenate(order)
+    chunks = plan_chunks(local.offsets, d, xp, tokens=order)
+    centres, valid, history = run_lloyd(local, chunks, groups, centres, valid, allreduce, xp, cfg, on_iteration, order)
+    labels, distances, counts, inertia = final_assignment(local, chunks, centres, valid, allreduce, xp, order)
+    sense_slots, centroids, sense_counts, labels = order_senses(centres, valid, counts, labels, local.slots, order, xp)
+    return (sense_slots, centroids, sense_counts), labels, distances, inertia, history
 
 
 def tile_csr(result: TileResult):
@@ -460,6 +473,7 @@ def nearest_rows_per_sense(local: LocalTile, result: TileResult, limit: int) -> 
     """Local rows closest to their sense, at most `limit` per sense (example contexts)."""
     labels, distances = to_host(result.labels), to_host(result.distances)
     labelled = np.flatnonzero(labels >= 0)  # rows left to another rank's finishing (keep_small=False) are not
-    order = labelled[np.lexsort((local.priority[labelled], distances[labelled], labels[labelled], local.slots[labelled]))]
+    keys = (local.priority[labelled], distances[labelled], labels[labelled], local.slots[labelled])
+    order = labelled[np.lexsort(keys)]
     group = local.slots[order] * (int(labels.max(initial=0)) + 1) + labels[order]
     return order[rank_in_group(group) < limit]

@@ -235,6 +235,8 @@ def share_tokens(jobs: list, share: tuple[int, int], allgather, xp) -> list[tupl
     rank (seeding) shrinks with the number of ranks, at one synchronisation per call.
     """
     rank, world = share
+    if not jobs:
+        return []  # every rank has the same jobs, so every rank skips the allgather alike
     if world == 1:
         return [tuple(compute(slice(None))) for _, compute in jobs]
     parts = [tuple(to_host(a) for a in compute(np.arange(rank, n, world))) for n, compute in jobs]

@@ -64,7 +64,8 @@ def finished_tile(tile: int, tokens: np.ndarray, local, result: kmeans.TileResul
 
     def records(rows):
         out = np.zeros(len(rows), CANDIDATE)
-        out["tile"], out["slot"], out["label"], out["priority"] = tile, local.slots[rows], labels[rows], local.priority[rows]
+        out["tile"], out["slot"], out["label"] = tile, local.slots[rows], labels[rows]
+        out["priority"] = local.priority[rows]
         out["rank"], out["sample"], out["occurrence"] = rank, meta["sample"][rows], meta["occurrence"][rows]
         return out
 
@@ -136,7 +137,8 @@ class TileFinisher:
             per_token = done.result.senses_per_token
             examples = examples_by_token(chosen, sources, done.tokens, per_token)
             write_tile(self.out_dir, done.tile, done.tokens, done.result, examples, self.settings)
-            written.append((done.tile, per_token[done.result.vectors_per_token > 0], shard_entry(self.out_dir, done.tile)))
+            has_vectors = done.result.vectors_per_token > 0
+            written.append((done.tile, per_token[has_vectors], shard_entry(self.out_dir, done.tile)))
         reports = comm.gather(written)  # rank 0 then needs to read no shard back for the index
         if comm.rank == 0:
             for tile, per_token, entry in sorted((r for part in reports for r in part), key=lambda r: r[0]):
@@ -160,7 +162,9 @@ class TileFinisher:
 
 
 def pick_examples(offered: np.ndarray, limit: int) -> np.ndarray:
-    """The `limit` nearest candidates of each (tile, token, sense) over all ranks, sorted by (tile, slot, label, distance, priority)."""
+    """The `limit` nearest candidates of each (tile, token, sense) over all ranks.
+
+    Sorted by (tile, slot, label, distance, priority)."""
     order = np.lexsort((offered["priority"], offered["distance"], offered["label"], offered["slot"], offered["tile"]))
     ranked = offered[order]
     senses = int(ranked["label"].max(initial=0)) + 1
