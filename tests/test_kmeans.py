@@ -300,3 +300,73 @@ def test_freed_blocks_stay_in_the_heap_after_allocator_tuning():
     block = np.ones(100 << 20, dtype=np.uint8)  # 100 MiB: mmapped and unmapped on free without the tuning
     del block
     assert libc.mallinfo2().fordblks >= 100 << 20  # freed, but kept by the heap for the next tile
+
+
+def test_distinct_senses_counts_repeats_most_frequent_first_whatever_the_row_order():
+    a, b, c = (np.full(D, v, dtype=np.float32) for v in (1.0, 2.0, 3.0))
+    slots = np.array([0, 0, 0, 0, 1, 1, 1])
+    points = np.stack([b, a, b, c, a, a, c])  # slot 0: b twice, a, c; slot 1: a twice, c
+    senses = kmeans.distinct_senses(slots, points)
+    assert senses.slots.tolist() == [0, 0, 0, 1, 1]
+    assert senses.counts.tolist() == [2, 1, 1, 2, 1]
+    np.testing.assert_array_equal(senses.points[0], b)
+    np.testing.assert_array_equal(senses.points[3], a)
+    starts = np.array([0, 3])  # each row's sense is row_sense within its slot's senses
+    np.testing.assert_array_equal(senses.points[starts[slots] + senses.row_sense], points)
+    shuffled = np.random.default_rng(3).permutation(len(slots))
+    again = kmeans.distinct_senses(slots[shuffled], points[shuffled])
+    np.testing.assert_array_equal(again.points, senses.points)
+    np.testing.assert_array_equal(again.counts, senses.counts)
+    np.testing.assert_array_equal(kmeans.senses_of_rows(senses, slots, points), senses.row_sense)
+
+
+def test_senses_of_rows_matches_rows_whose_hashes_collide(monkeypatch):
+    """Every row hashing alike still finds its own vector (the exact comparison decides)."""
+    from dist_sense import kmeans_start
+
+    rng = np.random.default_rng(4)
+    points = rng.normal(0, 1, (6, D)).astype(np.float32)
+    slots = np.array([0, 0, 0, 1, 1, 1])
+    monkeypatch.setattr(kmeans_start, "row_hash", lambda rows: np.zeros(len(rows), dtype=np.uint64))
+    senses = kmeans.distinct_senses(slots, points)
+    assert len(senses.points) == 6 and (senses.counts == 1).all()
+    found = kmeans.senses_of_rows(senses, slots, points)
+    starts = np.array([0, 3])
+    np.testing.assert_array_equal(senses.points[starts[slots] + found], points)
+
+
+def test_small_tokens_left_to_the_writer_give_the_same_senses():
+    """keep_small=False leaves the tokens with no more vectors than k unlabelled; adding their distinct
+    vectors afterwards (what build_dict's writer does) gives what keep_small=True gives."""
+    rng = np.random.default_rng(5)
+    few = np.repeat(rng.normal(0, 1, (2, D)).astype(np.float32), [2, 1], axis=0)  # 3 vectors, 2 distinct
+    many = rng.normal(0, 1, (50, D)).astype(np.float32)
+    vectors = np.concatenate([few, many, few[:1]])
+    slots = np.array([0, 0, 0] + [1] * 50 + [2])
+    priority = rng.integers(0, 2**63, len(slots), dtype=np.uint64)
+    local, _ = kmeans.make_local_tile(vectors, slots, priority, 3, np)
+    kept = kmeans.cluster_tile(local, config(k=4), xp=np)
+    left = kmeans.cluster_tile(local, config(k=4), xp=np, keep_small=False)
+    assert left.kept_as_vectors.tolist() == [True, False, True] and left.slots.tolist() == [1]
+    assert (left.labels[local.slots != 1] == -1).all() and (left.labels[local.slots == 1] >= 0).all()
+    small = local.slots != 1
+    finished = kmeans.with_distinct_senses(left, kmeans.distinct_senses(local.slots[small], local.vectors[small]))
+    for field in ("slots", "offsets", "centroids", "sense_counts"):
+        np.testing.assert_array_equal(getattr(finished, field), getattr(kept, field), err_msg=field)
+    assert kept.sense_counts[:2].tolist() == [2, 1] and kept.senses_per_token.tolist() == [2, 4, 1]
+
+
+def test_writers_take_the_largest_held_tiles_first_and_stay_balanced():
+    from types import SimpleNamespace
+
+    from dist_sense.build_dict import Collectives
+    from dist_sense.tile_finish import TileFinisher
+
+    finisher = TileFinisher(Collectives(None, 0, 2, 0), None, None, "", 1, 1 << 30)
+    finisher.held = [SimpleNamespace(tile=t, held_bytes=size) for t, size in enumerate([100, 10, 10, 60, 50])]
+    writer = finisher.assign_writers()
+    # 100 to rank 0; 60 and 50 to rank 1 (less written each time); the 10s then to rank 0 (a tie goes to the lower)
+    assert writer.tolist() == [0, 0, 0, 1, 1]
+    assert finisher.written_bytes.tolist() == [120, 110]
+    finisher.held = [SimpleNamespace(tile=5, held_bytes=30)]  # the next batch continues from those totals
+    assert finisher.assign_writers().tolist() == [1]
