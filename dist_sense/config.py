@@ -127,9 +127,10 @@ class KMeansConfig:
     them to per-tile scratch files (RUN/dictionary/.work) and starts over (in batches of at least
     64 MB, so 0 spills everything as it goes). Does not change the dictionary."""
     held_results_mb: int = 256
-    """Finished tiles held (their padded centres) before their example contexts are picked and
-    their shards written, all ranks together; a crash loses at most these. 0: each tile as it
-    finishes. Does not change the dictionary."""
+    """Finished tiles held (their senses, and the rows of their tokens kept as distinct vectors)
+    before those tokens' senses are made, the example contexts picked and the shards written,
+    all ranks together; a crash loses at most these. 0: each tile as it finishes. Does not
+    change the dictionary."""
 
     def validate(self) -> None:
         check_choice("kmeans.k_policy", self.k_policy, ("fixed", "mcl"))
