@@ -326,10 +326,10 @@ def senses_of_rows(senses: DistinctSenses, slots: np.ndarray, points: np.ndarray
     table = (senses.slots.astype(np.uint64) << np.uint64(44)) ^ senses.keys  # a search key; matches are checked
     by_key = np.argsort(table, kind="stable")
     query = (slots.astype(np.uint64) << np.uint64(44)) ^ row_hash(points)
-    found = by_key[np.minimum(np.searchsorted(table[by_key], query), max(len(table) - 1, 0))] if len(table) else \
-        np.zeros(len(slots), dtype=np.int64)
+    found = np.zeros(len(slots), dtype=np.int64)
     matched = np.zeros(len(slots), dtype=bool)
     if len(table):
+        found = by_key[np.minimum(np.searchsorted(table[by_key], query), len(table) - 1)]
         matched = (senses.slots[found] == slots) & (senses.points[found] == points).all(axis=1)
     for row in np.flatnonzero(~matched):
         equal = np.flatnonzero((senses.slots == slots[row]) & (senses.points == points[row]).all(axis=1))

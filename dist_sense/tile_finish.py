@@ -187,12 +187,12 @@ def tile_signature(tokens: np.ndarray) -> list:
 
 def write_tile(out_dir: Path, tile: int, tokens: np.ndarray, result: kmeans.TileResult, examples: dict,
                settings: str) -> Path:
-    slots, offsets, centroids, counts = kmeans.tile_csr(result)
     per_token = result.vectors_per_token
     info = {
         "tile": tile, "settings": settings, "tile_range": tile_signature(tokens), "inertia": result.inertia,
         "iterations": len(result.history), "vectors": int(per_token.sum()),
         "kept_as_vectors": int(result.kept_as_vectors.sum()), "without_vectors": int((per_token == 0).sum()),
     }
-    tile_senses = SenseDictionary(tokens[slots], offsets, centroids.astype(np.float32), counts, examples=examples)
+    tile_senses = SenseDictionary(tokens[result.slots], result.offsets, result.centroids, result.sense_counts,
+                                  examples=examples)
     return tile_senses.save_shard(out_dir, tile, info)

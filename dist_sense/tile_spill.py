@@ -17,9 +17,9 @@ import numpy as np
 from . import shards
 
 SPILL_BATCH_BYTES = 64 << 20
+"""Spilled rows go to the scratch files in batches of at least this much (one append per tile a batch)."""
 BLOCK_BYTES = 8 << 20
 """Held rows are merged into blocks of about this much, indexed by tile when reading ends."""
-"""Spilled rows go to the scratch files in batches of at least this much (one append per tile a batch)."""
 
 if TYPE_CHECKING:
     from .build_dict import TilePlan

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from dist_sense import kmeans
+from dist_sense import kmeans, kmeans_lloyd
 from dist_sense.config import KMeansConfig
 
 D = 16
@@ -78,7 +78,7 @@ def test_tiny_chunks_give_the_same_result(mixture, monkeypatch):
     tokens, vectors, slots, priority, ks = mixture
     local, _ = kmeans.make_local_tile(vectors, slots, priority, len(tokens), np)
     whole = kmeans.cluster_tile(local, config(), xp=np, k=ks)
-    monkeypatch.setattr(kmeans, "CHUNK_ELEMENTS", 300 * D)  # one or two tokens per chunk
+    monkeypatch.setattr(kmeans_lloyd, "CHUNK_ELEMENTS", 300 * D)  # one or two tokens per chunk
     assert len(kmeans.plan_chunks(local.offsets, D, np)) > 20
     chunked = kmeans.cluster_tile(local, config(), xp=np, k=ks)
     np.testing.assert_allclose(chunked.centres, whole.centres, atol=1e-5)
