@@ -22,7 +22,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install -q --no-deps -e .
-	$(PY) -m dist_sense.warmup
+	$(PY) -m dist_sense.runtime.warmup
 	touch $(STAMP)
 
 # Debian's Slurm for the tests that start a private single-node Slurm (skipped without it).
@@ -46,7 +46,7 @@ test-fast: install
 DEMO_RUN ?= runs/demo
 DEMO_NPROC ?= 2
 DEMO_CFG := $(DEMO_RUN)/demo.json
-DS := $(VENV)/bin/deepspeed --num_gpus $(DEMO_NPROC) --master_port $$($(PY) -c 'from dist_sense.dist import free_port; print(free_port())')
+DS := $(VENV)/bin/deepspeed --num_gpus $(DEMO_NPROC) --master_port $$($(PY) -c 'from dist_sense.comm import free_port; print(free_port())')
 
 demo: install
 	$(PY) -m dist_sense.demo --run-dir $(DEMO_RUN)

@@ -9,14 +9,15 @@ import time
 
 import torch.utils.tensorboard  # noqa: F401  (see the docstring)
 
-from dist_sense import build_dict, dist
+from dist_sense.comm import open_comm
 from dist_sense.config import RunConfig
+from dist_sense.stages.build_dict import stage as build_dict
 
 cfg = RunConfig.load(None, sys.argv[1:])
-comm = dist.mpi_comm()
-comm.Barrier()
+comm = open_comm()
+comm.barrier()
 start = time.perf_counter()
 build_dict.run(cfg)
-comm.Barrier()
-if comm.Get_rank() == 0:
-    print(json.dumps({"seconds": time.perf_counter() - start, "ranks": comm.Get_size()}))
+comm.barrier()
+if comm.rank == 0:
+    print(json.dumps({"seconds": time.perf_counter() - start, "ranks": comm.world}))

@@ -31,8 +31,7 @@ def machine() -> dict:
 
 def wordnet_corpus(n_docs: int) -> Path:
     """The first `n_docs` WordNet examples and glosses as jsonl (built once under bench/results)."""
-    from dist_sense import wordnet
-
+    from dist_sense.demo import wordnet
     out = WORK / f"wordnet-{n_docs}.jsonl"
     if not out.is_file():
         synsets = wordnet.read_synsets(wordnet.ensure_wordnet(ROOT / ".cache" / "wordnet"))
@@ -71,8 +70,7 @@ def single_process_env() -> None:
 
 def teacher_run(n_docs: int = 12000, cap: int = 1000) -> Path:
     """A run directory with hidden/ from the demo model over WordNet text (extracted once, on 1 rank)."""
-    from dist_sense import testing
-
+    import helpers as testing
     run_dir = WORK / f"teacher_run_{n_docs}_{cap}"
     if not (run_dir / "hidden" / "manifest.json").is_file():
         args = [f"run_dir={run_dir}", f"model.teacher={DEMO_MODEL}", f"corpus.path={wordnet_corpus(n_docs)}",
@@ -85,8 +83,8 @@ def per_token_vectors(run_dir: Path, min_vectors: int) -> dict[int, "np.ndarray"
     """token id -> [n, d] float32 hidden states, for tokens with at least `min_vectors` of them."""
     import numpy as np
 
-    from dist_sense import shards
-    from dist_sense.manifest import read_manifest
+    from dist_sense.formats import shards
+    from dist_sense.formats.manifest import read_manifest
 
     manifest = read_manifest(run_dir / "hidden", shards.HIDDEN_FORMAT, shards.HIDDEN_VERSION)
     paths = [run_dir / "hidden" / s["file"] for s in manifest["shards"]]
@@ -103,8 +101,7 @@ def per_token_vectors(run_dir: Path, min_vectors: int) -> dict[int, "np.ndarray"
 
 def teacher_dictionary(k: int = 20) -> Path:
     """teacher_run() plus its dictionary (k senses per token), built once with the real stage."""
-    from dist_sense import testing
-
+    import helpers as testing
     run_dir = teacher_run()
     if not (run_dir / "dictionary" / "index.json").is_file():
         testing.run_command(["python", "launcher/build_dict.py", f"run_dir={run_dir}", f"kmeans.k={k}"], timeout=900,
@@ -114,9 +111,9 @@ def teacher_dictionary(k: int = 20) -> Path:
 
 def text_batches(n_docs: int, batch: int, max_length: int):
     """Padded (input_ids, attention_mask) batches of WordNet windows for the demo tokenizer."""
-    from dist_sense import corpus
     from dist_sense.config import ModelConfig
-    from dist_sense.teacher import load_tokenizer
+    from dist_sense.formats import corpus
+    from dist_sense.model.teacher import load_tokenizer
 
     tokenizer = load_tokenizer(ModelConfig(teacher=DEMO_MODEL))
     dataset = corpus.load_documents(str(wordnet_corpus(n_docs)))

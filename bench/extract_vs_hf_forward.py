@@ -24,12 +24,13 @@ def main() -> dict:
     import torch
     from transformers import AutoModel
 
-    from dist_sense import corpus, dist
+    from dist_sense import comm
     from dist_sense.config import RunConfig
-    from dist_sense.counts import run_counts
-    from dist_sense.extract import HiddenSink, banned_token_ids, keep_probability
-    from dist_sense.teacher import Teacher, load_tokenizer, resolve_model_path
-    from dist_sense.teacher_pass import run_pass
+    from dist_sense.formats import corpus
+    from dist_sense.model.teacher import Teacher, load_tokenizer, resolve_model_path
+    from dist_sense.stages.counts import run_counts
+    from dist_sense.stages.extract import HiddenSink, banned_token_ids, keep_probability
+    from dist_sense.stages.teacher_pass import run_pass
 
     run_dir = common.WORK / "extract_bench"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -52,7 +53,7 @@ def main() -> dict:
                 plain(input_ids=ids, attention_mask=mask).last_hidden_state.cpu()
         return time.perf_counter() - start
 
-    dist.init_torch()
+    comm.init_torch()
     teachers = {"auto": Teacher(cfg.model, cfg.extract.ds_config, BATCH)}
     assert not teachers["auto"].partitioned
     counts = run_counts(cfg, dataset, tokenizer, teachers["auto"].tokenizer_fingerprint, cfg.corpus.path)

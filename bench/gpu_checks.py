@@ -43,9 +43,9 @@ def synchronize(xp) -> None:
 
 
 def cluster(data, xp, k: int):
-    from dist_sense import kmeans
-    from dist_sense.backend import to_host
     from dist_sense.config import KMeansConfig
+    from dist_sense.kmeans import tile as kmeans
+    from dist_sense.runtime.backend import to_host
 
     vectors, slots, priority = data
     cfg = KMeansConfig(k=k, max_iter=50, tol=1e-4, subsample=256)
@@ -76,8 +76,7 @@ def peak_bandwidth(xp) -> float | None:
 
 
 def assignment_bandwidth(xp, dry: bool) -> dict:
-    from dist_sense import kmeans
-
+    from dist_sense.kmeans import tile as kmeans
     n_tokens, per_token, d, k = (16, 100, 64, 20) if dry else (256, 1000, 4096, 20)
     vectors, slots, priority = mixture(n_tokens, per_token, d, k, seed=1)
     local, _ = kmeans.make_local_tile(vectors, slots, priority, n_tokens, xp)
@@ -123,7 +122,7 @@ def extraction_bf16(dry: bool) -> dict:
     import torch
     from transformers import AutoModel
 
-    from dist_sense.teacher import resolve_model_path
+    from dist_sense.model.teacher import resolve_model_path
 
     batches = common.text_batches(2000, 64, 128)
     model = AutoModel.from_pretrained(resolve_model_path(common.DEMO_MODEL), dtype=torch.bfloat16).cuda().eval()
@@ -146,8 +145,7 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="numpy for cupy, tiny sizes: checks the script itself")
     args = parser.parse_args()
     common.single_process_env()
-    from dist_sense import backend
-
+    from dist_sense.runtime import backend
     xp = np if args.dry_run else backend.get_xp(0)
     if xp is np and not args.dry_run:
         print("no usable CUDA GPU (cupy reports none): nothing measured, nothing recorded")

@@ -36,9 +36,9 @@ def best_of(fn, repeats: int = REPEATS, min_seconds: float = MIN_SECONDS) -> flo
 
 def dense_batch(windows: int, length: int):
     """(input_ids, attention_mask) of `windows` windows of `length` tokens, each cut from joined glosses."""
-    from dist_sense import corpus
     from dist_sense.config import ModelConfig
-    from dist_sense.teacher import load_tokenizer
+    from dist_sense.formats import corpus
+    from dist_sense.model.teacher import load_tokenizer
 
     tokenizer = load_tokenizer(ModelConfig(teacher=common.DEMO_MODEL))
     texts = corpus.load_documents(str(common.wordnet_corpus(400)))["text"]
@@ -52,11 +52,11 @@ def main() -> dict:
     from transformers import AutoModel
 
     from dist_sense.config import RunConfig
-    from dist_sense.dictionary import SenseDictionary
-    from dist_sense import fused_loss
-    from dist_sense.losses import labelled_positions, reference_loop_loss, sense_kd_loss
-    from dist_sense.student import build_student
-    from dist_sense.teacher import resolve_model_path
+    from dist_sense.formats.dictionary import SenseDictionary
+    from dist_sense.model import fused_loss
+    from dist_sense.model.losses import labelled_positions, reference_loop_loss, sense_kd_loss
+    from dist_sense.model.student import build_student
+    from dist_sense.model.teacher import resolve_model_path
 
     run_dir = common.teacher_dictionary()
     dictionary = SenseDictionary.load(run_dir / "dictionary")

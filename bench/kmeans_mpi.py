@@ -19,8 +19,7 @@ K, ROUNDS = 20, 5
 
 
 def timed_build(source, ranks: int, tile_tokens: int) -> float:
-    from dist_sense import testing
-
+    import helpers as testing
     run_dir = common.WORK / f"kmeans_mpi_{ranks}"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)

@@ -6,7 +6,7 @@ them; k = 20 for all, as the reference's GLUE setting. Baselines, each called on
 token in a Python loop as the reference does: sklearn KMeans(k-means++, n_init=1) and
 faiss-cpu Kmeans. speedup = baseline seconds / ours; inertia_ratio = our total inertia
 / the baseline's (<= 1.01 means no worse clusters). Seconds are the best of 3 alternating rounds,
-in one process whose allocator keeps freed memory (backend.retain_freed_memory, as build_dict
+in one process whose allocator keeps freed memory (runtime.process.retain_freed_memory, as build_dict
 sets it), for all three alike.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ K, MIN_VECTORS, MAX_ITER, ROUNDS = 20, 40, 50, 3
 
 
 def ours(per_token: dict) -> tuple[float, float]:
-    from dist_sense import kmeans
     from dist_sense.config import KMeansConfig
+    from dist_sense.kmeans import tile as kmeans
 
     vectors = np.concatenate(list(per_token.values()))
     slots = np.repeat(np.arange(len(per_token)), [len(v) for v in per_token.values()])
@@ -59,7 +59,7 @@ def faiss_loop(per_token: dict) -> tuple[float, float]:
 
 def main() -> dict:
     common.single_process_env()
-    from dist_sense.backend import retain_freed_memory
+    from dist_sense.runtime.process import retain_freed_memory
 
     retain_freed_memory()  # as build_dict does; the process's allocator, so for all three alike
     per_token = common.per_token_vectors(common.teacher_run(), MIN_VECTORS)

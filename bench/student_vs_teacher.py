@@ -28,10 +28,10 @@ def main() -> dict:
     from transformers import AutoModel
 
     from dist_sense.config import RunConfig
-    from dist_sense.dictionary import SenseDictionary
-    from dist_sense.encoder import SnapTable
-    from dist_sense.student import build_student
-    from dist_sense.teacher import resolve_model_path
+    from dist_sense.formats.dictionary import SenseDictionary
+    from dist_sense.model.encoder import SnapTable
+    from dist_sense.model.student import build_student
+    from dist_sense.model.teacher import resolve_model_path
 
     dictionary = SenseDictionary.load(common.teacher_dictionary() / "dictionary")
     table = SnapTable(dictionary, "dot", "cpu")

@@ -10,7 +10,6 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # Lazy, so `import dist_sense.config` does not pull in torch and transformers.
     if name in ("SenseEncoder", "EncodedText"):
-        from . import encoder
-
+        from dist_sense.model import encoder
         return getattr(encoder, name)
     raise AttributeError(f"module 'dist_sense' has no attribute {name!r}")

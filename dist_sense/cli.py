@@ -1,42 +1,72 @@
-"""Command-line parsing shared by every launcher: `--config FILE [key=value ...]`.
+"""The one command-line entry of every launcher: `--config FILE [key=value ...]`, then the stage.
+
+`run_stage` parses the command line, applies the process-wide settings, runs the stage
+and turns errors into exit codes: a bad input (config, corpus, manifest, shard, dictionary,
+labels, teacher) is one line naming the culprit and exit code 2; anything else is a bug
+and keeps its traceback (exit code 1). Under MPI a failing rank ends the whole job, since
+its peers may be waiting for it in a collective.
 
 `deepspeed` appends `--local_rank=N`; it is accepted and ignored here because
-dist.detect() reads the same from the environment.
+comm.detect() reads the same from the environment.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
+from pathlib import Path
 
-from .config import ConfigError, RunConfig, describe
+from dist_sense.config import ConfigError, RunConfig, describe
 
 
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by input or config: printed as one line, not as a traceback."""
-    from .corpus import CorpusError
-    from .dictionary import DictionaryError
-    from .manifest import ManifestError
-    from .shards import ShardError
-    from .teacher import TeacherError
+    from dist_sense.formats.corpus import CorpusError
+    from dist_sense.formats.dictionary import DictionaryError
+    from dist_sense.formats.manifest import ManifestError
+    from dist_sense.formats.shards import ShardError
+    from dist_sense.model.teacher import TeacherError
 
+    # Labels, checkpoint and evaluation errors are ManifestErrors.
     return ConfigError, CorpusError, DictionaryError, ManifestError, ShardError, TeacherError
 
 
-def run_stage(description: str, stage_run, argv: list[str] | None = None):
+def run_stage(description: str, stage_run, argv: list[str] | None = None, mpi: bool = False):
     """Parse the command line, run `stage_run(cfg)`, print its output directory.
 
-    A bad input ends the process with exit code 2 and one line naming what is wrong.
+    mpi: the stage's ranks talk over MPI (build_dict): they reuse freed memory for the
+    tile loop's large arrays, and a failing rank aborts the MPI job.
     """
+    from dist_sense import comm
+    from dist_sense.runtime import process
+
     cfg = parse_run_config(description, argv)
+    env = comm.detect()
+    process.share_cores(comm.local_world_size())
+    if mpi:
+        process.retain_freed_memory()
     try:
         out = stage_run(cfg)
     except user_errors() as err:
-        from .dist import detect
-
-        print(f"error [rank {detect().rank}]: {err}", file=sys.stderr, flush=True)
+        print(f"error [rank {env.rank}]: {err}", file=sys.stderr, flush=True)
+        _end_job(mpi and env.world_size > 1, 2)
         raise SystemExit(2) from None
-    print(out)
+    except Exception:
+        print(f"error [rank {env.rank}]: a bug, not an input error:", file=sys.stderr, flush=True)
+        traceback.print_exc()
+        sys.stderr.flush()
+        _end_job(mpi and env.world_size > 1, 1)
+        raise
+    if env.rank == 0 or not mpi:
+        print(out)
     return out
+
+
+def _end_job(abort_mpi: bool, code: int) -> None:
+    if abort_mpi:
+        from dist_sense.comm import abort_world
+
+        abort_world(code)
 
 
 def parse_run_config(description: str, argv: list[str] | None = None) -> RunConfig:
@@ -66,8 +96,6 @@ def parse_run_config(description: str, argv: list[str] | None = None) -> RunConf
 
 def _saved_run_config(overrides: list[str]) -> str | None:
     """RUN/config.json when `run_dir=RUN` is given without --config: a later stage reuses the run's config."""
-    from pathlib import Path
-
     for item in overrides:
         if item.startswith("run_dir="):
             saved = Path(item.split("=", 1)[1]) / "config.json"

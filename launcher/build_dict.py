@@ -9,31 +9,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from dist_sense import build_dict, dist  # noqa: E402
-from dist_sense.cli import parse_run_config  # noqa: E402
-from dist_sense.config import ConfigError  # noqa: E402
-from dist_sense.dictionary import DictionaryError  # noqa: E402
-from dist_sense.manifest import ManifestError  # noqa: E402
-from dist_sense.shards import ShardError  # noqa: E402
-
-INPUT_ERRORS = (ConfigError, ManifestError, ShardError, DictionaryError)
-
-
-def main() -> None:
-    cfg = parse_run_config(__doc__)
-    env = dist.detect()
-    try:
-        out = build_dict.run(cfg)
-    except Exception as err:
-        print(f"error [rank {env.rank}]: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-        if env.world_size > 1:
-            dist.mpi_comm().Abort(2)  # the other ranks may wait in a collective: end the whole job
-        if isinstance(err, INPUT_ERRORS):
-            raise SystemExit(2) from None
-        raise
-    if env.rank == 0:
-        print(out)
-
+from dist_sense.cli import run_stage  # noqa: E402
+from dist_sense.stages import build_dict  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    run_stage(__doc__, build_dict.run, mpi=True)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from dist_sense import distill  # noqa: E402
 from dist_sense.cli import run_stage  # noqa: E402
+from dist_sense.stages import distill
 
 if __name__ == "__main__":
     run_stage(__doc__, distill.run)

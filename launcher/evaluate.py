@@ -8,8 +8,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from dist_sense import evaluate  # noqa: E402
 from dist_sense.cli import run_stage  # noqa: E402
+from dist_sense.stages import evaluate
 
 if __name__ == "__main__":
     run_stage(__doc__, evaluate.run)

@@ -45,7 +45,7 @@ else
     fi
     echo "build_dict: no Slurm job, ${NPROC} local processes, config ${CONFIG}"
     if [[ "${SKIP_EXTRACT:-0}" != 1 ]]; then
-        port=${MASTER_PORT:-$("$PYTHON" -c 'from dist_sense.dist import free_port; print(free_port())')}
+        port=${MASTER_PORT:-$("$PYTHON" -c 'from dist_sense.comm import free_port; print(free_port())')}
         "${DEEPSPEED:-deepspeed}" --num_gpus "$NPROC" --master_port "$port" launcher/extract.py --config "$CONFIG" "$@"
     fi
     "${MPIRUN:-mpirun}" -n "$NPROC" "$PYTHON" launcher/build_dict.py --config "$CONFIG" "$@"

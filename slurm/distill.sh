@@ -48,7 +48,7 @@ for stage in $STAGES; do
   args=$(stage_args "$stage")
   echo "== $stage: $(date)"
   if [[ -n "${SLURM_JOB_ID:-}" ]]; then
-    # One task per GPU; dist_sense.dist reads SLURM_PROCID/SLURM_NTASKS and the first host.
+    # One task per GPU; dist_sense.comm reads SLURM_PROCID/SLURM_NTASKS and the first host.
     # shellcheck disable=SC2086
     srun --kill-on-bad-exit=1 "$PYTHON" "launcher/$stage.py" $args "$@"
   else
@@ -57,7 +57,7 @@ for stage in $STAGES; do
     fi
     DEEPSPEED=$(dirname "$PYTHON")/deepspeed
     [[ -x "$DEEPSPEED" ]] || DEEPSPEED=deepspeed
-    PORT=${MASTER_PORT:-$("$PYTHON" -c 'from dist_sense.dist import free_port; print(free_port())')}
+    PORT=${MASTER_PORT:-$("$PYTHON" -c 'from dist_sense.comm import free_port; print(free_port())')}
     # shellcheck disable=SC2086
     "$DEEPSPEED" --num_gpus "${NPROC:-2}" --master_port "$PORT" "launcher/$stage.py" $args "$@"
   fi

@@ -6,9 +6,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+import helpers as testing
 import pytest  # noqa: E402
 
-from dist_sense import backend, testing  # noqa: E402
+from dist_sense.runtime import backend
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(testing.REPO_ROOT / ".torch_extensions"))
 

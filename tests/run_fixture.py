@@ -12,9 +12,8 @@ import random
 import subprocess
 from pathlib import Path
 
+import helpers as testing
 import pytest
-
-from dist_sense import testing
 
 AMBIGUOUS = ("bank", "bat", "spring", "run", "field")
 DISTILL = ["distill.layers=1", "distill.steps=5", "distill.global_batch_size=8", "distill.micro_batch_size=8",

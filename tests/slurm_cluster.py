@@ -51,7 +51,7 @@ def _slurm_conf(root: Path, host: str) -> str:
     }
     lines = [f"{k}={v}" for k, v in settings.items()]
     lines.append(f"NodeName={host} CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN")
-    lines.append(f"PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES")
+    lines.append("PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES")
     return "\n".join(lines) + "\n"
 
 

@@ -5,12 +5,15 @@ import shutil
 import sys
 from pathlib import Path
 
+import helpers as testing
 import numpy as np
 import pytest
 
-from dist_sense import build_dict, manifest, shards, testing
 from dist_sense.config import RunConfig
-from dist_sense.dictionary import SenseDictionary, shard_name
+from dist_sense.formats import manifest, shards
+from dist_sense.formats.dictionary import SenseDictionary, shard_name
+from dist_sense.stages.build_dict import stage as build_dict
+from dist_sense.stages.build_dict.plan import plan_tiles, read_hidden_manifest
 
 N_TOKENS, FIRST_TOKEN, VOCAB, D = 20, 5, 40, 8
 RARE_TOKEN, FEW_TOKEN = 30, 31  # under min_count; fewer vectors than k
@@ -265,7 +268,7 @@ def test_killed_rank_then_rerun_gives_byte_identical_dictionary(tmp_path):
 
 
 def test_reading_is_cut_into_units_in_shard_name_order():
-    from dist_sense.tile_spill import work_units
+    from dist_sense.stages.build_dict.spill import work_units
 
     counts = [("hidden-r001-000000.tar", 5), ("hidden-r000-000000.tar", 300), ("hidden-r000-000001.tar", 0)]
     assert work_units(counts, 128) == [("hidden-r000-000000.tar", 0, 128), ("hidden-r000-000000.tar", 128, 256),
@@ -314,14 +317,14 @@ def test_a_shard_shorter_than_its_manifest_count_is_named(tmp_path):
 @pytest.mark.parametrize("memory_bytes", [0, 20_000])
 def test_tile_rows_are_the_same_spilled_or_held_in_memory(tmp_path, monkeypatch, memory_bytes):
     """Spilling everything, or part (a budget crossed mid-read), reads back the rows kept in memory alone."""
-    from dist_sense import tile_spill
-    from dist_sense.tile_spill import TileSpill, work_units
+    from dist_sense.stages.build_dict import spill as tile_spill
+    from dist_sense.stages.build_dict.spill import TileSpill, work_units
 
     monkeypatch.setattr(tile_spill, "SPILL_BATCH_BYTES", 10_000)  # batches far smaller than the test's data
     hidden_dir = make_hidden_dir(tmp_path / "run")
     cfg = make_config(tmp_path / "run")
-    hidden = build_dict.read_hidden_manifest(hidden_dir)
-    plan = build_dict.plan_tiles(hidden, cfg.kmeans)
+    hidden = read_hidden_manifest(hidden_dir)
+    plan = plan_tiles(hidden, cfg.kmeans)
     units = [(hidden_dir / f, a, b) for f, a, b in work_units([(s["file"], s["samples"]) for s in hidden["shards"]], 4)]
     todo = list(range(len(plan.tiles)))
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from dist_sense.config import ConfigError, RunConfig, describe, field_docs, KMeansConfig
+from dist_sense.config import ConfigError, KMeansConfig, RunConfig, describe, field_docs
 
 
 def test_defaults_validate_and_roundtrip(tmp_path):

@@ -3,12 +3,19 @@ import json
 import random
 from collections import Counter
 
+import helpers as testing
 import numpy as np
 import pytest
 
-from dist_sense import corpus, testing
-from dist_sense.corpus import (
-    CorpusError, Window, batch_windows, count_tokens, documents_for_rank, iter_windows, load_documents,
+from dist_sense.formats import corpus
+from dist_sense.formats.corpus import (
+    CorpusError,
+    Window,
+    batch_windows,
+    count_tokens,
+    documents_for_rank,
+    iter_windows,
+    load_documents,
     rank_documents,
 )
 

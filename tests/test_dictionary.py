@@ -1,11 +1,12 @@
 """SenseDictionary: save/load round trip, memory maps, padded view, nearest sense, tokenizer check, bad files."""
 import json
 
+import helpers as testing
 import numpy as np
 import pytest
 
-from dist_sense import manifest, testing
-from dist_sense.dictionary import DictionaryError, SenseDictionary, shard_name
+from dist_sense.formats import manifest
+from dist_sense.formats.dictionary import DictionaryError, SenseDictionary, shard_name
 
 D = 6
 

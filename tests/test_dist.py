@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from dist_sense import backend, dist
+from dist_sense import comm
+from dist_sense.runtime import backend
 
 
 @pytest.mark.parametrize(
@@ -18,24 +19,24 @@ from dist_sense import backend, dist
     ],
 )
 def test_detect_reads_each_launcher(environ, expected):
-    env = dist.detect(environ)
+    env = comm.detect(environ)
     assert (env.rank, env.local_rank, env.world_size, env.launcher) == expected
 
 
 def test_detect_rejects_inconsistent_rank():
     with pytest.raises(RuntimeError, match="RANK=4 is outside WORLD_SIZE=4"):
-        dist.detect({"RANK": "4", "WORLD_SIZE": "4"})
+        comm.detect({"RANK": "4", "WORLD_SIZE": "4"})
 
 
 def test_helpers_work_alone_without_launcher():
     # No process group: every collective is the identity for world size 1.
     t = torch.ones(3)
-    assert dist.all_reduce_sum(t) is t
-    assert dist.all_reduce_max(7) == 7
-    assert dist.all_gather_object({"a": 1}) == [{"a": 1}]
-    dist.barrier()
+    assert comm.all_reduce_sum(t) is t
+    assert comm.all_reduce_max(7) == 7
+    assert comm.all_gather_object({"a": 1}) == [{"a": 1}]
+    comm.barrier()
     same = np.arange(4.0)
-    assert dist.mpi_allreduce_sum(None)(same) is same
+    assert comm.LocalComm().allreduce(same) is same
 
 
 def test_backend_is_numpy_without_gpu():
@@ -56,6 +57,6 @@ def test_backend_roundtrip_on_gpu():
 
 
 def test_rank_prefixed_logging(capsys):
-    log = dist.get_logger("dist_sense.test")
+    log = comm.get_logger("dist_sense.test")
     log.info("hello")
     assert "[rank 0]" in capsys.readouterr().err

@@ -1,12 +1,11 @@
 """Real multi-process runs: 2 DeepSpeed ranks (gloo on CPU) and 2 MPI ranks."""
 import json
 
+import helpers as testing
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModel
-
-from dist_sense import testing
 
 
 @pytest.mark.slow

@@ -4,18 +4,26 @@ import shutil
 import sys
 from pathlib import Path
 
+import helpers as testing
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_sense import distill, testing
 from dist_sense.config import ConfigError, RunConfig
-from dist_sense.dictionary import SenseDictionary
-from dist_sense.label_data import LabelData, LabelsError, is_held_out, read_labels_manifest, read_samples, shard_keys
-from dist_sense.losses import sense_kd_loss
-from dist_sense.manifest import ManifestError
-from dist_sense.student import build_student, load_student
+from dist_sense.formats.dictionary import SenseDictionary
+from dist_sense.formats.labels import (
+    LabelData,
+    LabelsError,
+    is_held_out,
+    read_labels_manifest,
+    read_samples,
+    shard_keys,
+)
+from dist_sense.formats.manifest import ManifestError
+from dist_sense.model.losses import sense_kd_loss
+from dist_sense.model.student import build_student, load_student
+from dist_sense.stages.distill import stage as distill
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 import distill_fixtures  # noqa: E402

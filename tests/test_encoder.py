@@ -4,9 +4,9 @@ import pytest
 import torch
 from run_fixture import distilled_run  # noqa: F401  (the session's shared run)
 
-from dist_sense.dictionary import SenseDictionary
-from dist_sense.encoder import EncodedText, SenseEncoder
-from dist_sense.student import Student
+from dist_sense.formats.dictionary import SenseDictionary
+from dist_sense.model.encoder import EncodedText, SenseEncoder
+from dist_sense.model.student import Student
 
 pytestmark = pytest.mark.slow
 

@@ -2,11 +2,12 @@
 import json
 import math
 
+import helpers as testing
 import pytest
 from run_fixture import distilled_run  # noqa: F401  (the session's shared run)
 
-from dist_sense import evaluate, testing
 from dist_sense.config import RunConfig
+from dist_sense.stages.evaluate import stage as evaluate
 
 pytestmark = pytest.mark.slow
 

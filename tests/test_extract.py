@@ -1,13 +1,14 @@
 """Stage 1 on the tiny models: ZeRO-3 teacher, capped sampling, shards, lockstep and resume."""
 import json
 
+import helpers as testing
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from dist_sense import corpus, shards, testing
-from dist_sense.manifest import read_manifest
+from dist_sense.formats import corpus, shards
+from dist_sense.formats.manifest import read_manifest
 
 SCRIPT = "launcher/extract.py"
 
@@ -137,7 +138,7 @@ def test_bad_input_fails_clearly_and_writes_no_manifest(override, needle, tiny_b
 
 def test_partition_auto_uses_zero3_only_where_it_helps():
     from dist_sense.config import ConfigError, RunConfig
-    from dist_sense.teacher import use_zero3
+    from dist_sense.model.teacher import use_zero3
 
     assert not use_zero3("auto", 1, "none")  # one rank holds everything anyway
     assert use_zero3("auto", 2, "none") and use_zero3("auto", 1, "cpu") and use_zero3("zero3", 1, "none")

@@ -4,10 +4,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from dist_sense import corpus, shards
-from dist_sense.extract import HiddenSink
-from dist_sense.manifest import ManifestError
-from dist_sense.teacher_pass import RankProgress
+from dist_sense.formats import corpus, shards
+from dist_sense.formats.manifest import ManifestError
+from dist_sense.stages.extract import HiddenSink
+from dist_sense.stages.teacher_pass import RankProgress
 
 
 def window(n: int = 6) -> corpus.Window:

@@ -4,10 +4,10 @@ tests/test_losses.py runs every loss test on both implementations; these compare
 """
 import pytest
 import torch
-
-from dist_sense import fused_loss
-from dist_sense.losses import sense_kd_loss, sense_table
 from test_losses import grad_of, make_batch, make_senses
+
+from dist_sense.model import fused_loss
+from dist_sense.model.losses import sense_kd_loss, sense_table
 
 pytestmark = pytest.mark.skipif(not fused_loss.usable(torch.zeros(1), torch.zeros(1), None),
                                 reason=f"the fused kernel did not build here: {fused_loss.unavailable_reason()}")

@@ -2,9 +2,10 @@
 import json
 import sys
 
+import helpers as testing
 import pytest
 
-from dist_sense import backend, testing
+from dist_sense.runtime import backend
 
 
 def test_dry_run_compares_the_two_backends():

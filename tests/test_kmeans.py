@@ -6,8 +6,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from dist_sense import kmeans, kmeans_lloyd
 from dist_sense.config import KMeansConfig
+from dist_sense.kmeans import lloyd as kmeans_lloyd
+from dist_sense.kmeans import tile as kmeans
 
 D = 16
 
@@ -288,7 +289,7 @@ def test_share_tokens_packs_several_jobs_into_one_allgather():
 def test_freed_blocks_stay_in_the_heap_after_allocator_tuning():
     import ctypes
 
-    from dist_sense.backend import retain_freed_memory
+    from dist_sense.runtime.process import retain_freed_memory
 
     class Mallinfo2(ctypes.Structure):
         _fields_ = [(name, ctypes.c_size_t) for name in
@@ -322,8 +323,7 @@ def test_distinct_senses_counts_repeats_most_frequent_first_whatever_the_row_ord
 
 def test_senses_of_rows_matches_rows_whose_hashes_collide(monkeypatch):
     """Every row hashing alike still finds its own vector (the exact comparison decides)."""
-    from dist_sense import kmeans_start
-
+    from dist_sense.kmeans import start as kmeans_start
     rng = np.random.default_rng(4)
     points = rng.normal(0, 1, (6, D)).astype(np.float32)
     slots = np.array([0, 0, 0, 1, 1, 1])
@@ -359,10 +359,10 @@ def test_small_tokens_left_to_the_writer_give_the_same_senses():
 def test_writers_take_the_largest_held_tiles_first_and_stay_balanced():
     from types import SimpleNamespace
 
-    from dist_sense.build_dict import Collectives
-    from dist_sense.tile_finish import TileFinisher
+    from dist_sense.stages.build_dict.finish import TileFinisher
+    from dist_sense.comm import LocalComm
 
-    finisher = TileFinisher(Collectives(None, 0, 2, 0), None, None, "", 1, 1 << 30)
+    finisher = TileFinisher(LocalComm(rank=0, world=2), None, None, "", 1, 1 << 30)
     finisher.held = [SimpleNamespace(tile=t, held_bytes=size) for t, size in enumerate([100, 10, 10, 60, 50])]
     writer = finisher.assign_writers()
     # 100 to rank 0; 60 and 50 to rank 1 (less written each time); the 10s then to rank 0 (a tie goes to the lower)

@@ -1,17 +1,17 @@
 """Stage 3a: teacher sense labels over the distillation corpus (ZeRO-3, lockstep, resume)."""
 import io
 
+import helpers as testing
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModel
 
-from dist_sense import testing
-from dist_sense.dictionary import SenseDictionary
-from dist_sense.label import soft_targets
-from dist_sense.label_data import LABELS_FORMAT, LABELS_VERSION
-from dist_sense.manifest import read_manifest
-from dist_sense.shards import iter_tar_samples
+from dist_sense.formats.dictionary import SenseDictionary
+from dist_sense.formats.labels import LABELS_FORMAT, LABELS_VERSION
+from dist_sense.formats.manifest import read_manifest
+from dist_sense.formats.shards import iter_tar_samples
+from dist_sense.stages.label import soft_targets
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_sense import fused_loss, losses
-from dist_sense.losses import mse_loss, positions_per_chunk, reference_loop_loss, sense_kd_loss
+from dist_sense.model import fused_loss, losses
+from dist_sense.model.losses import mse_loss, positions_per_chunk, reference_loop_loss, sense_kd_loss
 
 VOCAB, D = 20, 8
 
@@ -167,7 +167,7 @@ def test_two_tokens_with_known_senses_equal_the_hand_computed_loss():
 @pytest.mark.parametrize("similarity", ["l2", "cos"])
 def test_other_similarities_score_like_the_labelling_stage(senses, similarity):
     """l2: logits -||h - c||^2; cos: the cosine; both as the label stage scores the teacher."""
-    from dist_sense.losses import sense_table
+    from dist_sense.model.losses import sense_table
 
     centres, mask, token_to_row = senses
     states, ids, targets = make_batch(senses)
@@ -219,7 +219,7 @@ def test_soft_target_gradient_equals_autograd(senses, chunk):
 
 @pytest.mark.parametrize("similarity", ["l2", "cos"])
 def test_chunked_equals_unchunked_for_other_similarities(senses, similarity):
-    from dist_sense.losses import sense_table
+    from dist_sense.model.losses import sense_table
 
     centres, mask, token_to_row = senses
     states, ids, targets = make_batch(senses, batch=4, length=11)

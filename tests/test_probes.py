@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from dist_sense.dictionary import SenseDictionary
-from dist_sense.encoder import EncodedText
-from dist_sense.evaluate import batch_stats
-from dist_sense.probes import EvalError, content_mask, probe_accuracies, row_cosine, token_at
+from dist_sense.formats.dictionary import SenseDictionary
+from dist_sense.model.encoder import EncodedText
+from dist_sense.stages.evaluate.probes import EvalError, content_mask, probe_accuracies, row_cosine, token_at
+from dist_sense.stages.evaluate.stage import batch_stats
 
 
 def test_probe_scores_a_separable_task_perfectly_and_noise_near_chance():

@@ -2,14 +2,15 @@
 import re
 import sys
 
+import helpers as testing
 import numpy as np
 import pytest
 import torch
 
-from dist_sense import sense_figures, testing
-from dist_sense.dictionary import SenseDictionary
-from dist_sense.encoder import SenseEncoder
-from dist_sense.sense_figures import export_projector, plot_senses, word_occurrences
+from dist_sense.formats.dictionary import SenseDictionary
+from dist_sense.model.encoder import SenseEncoder
+from dist_sense.stages.evaluate import figures as sense_figures
+from dist_sense.stages.evaluate.figures import export_projector, plot_senses, word_occurrences
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TEXTS = testing.toy_sentences(120, seed=3) + [

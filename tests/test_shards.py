@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from dist_sense import shards
+from dist_sense.formats import shards
 
 
 def samples():

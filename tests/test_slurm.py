@@ -6,11 +6,11 @@ Skipped, with the reason printed, where Slurm cannot start here (not installed, 
 import json
 import os
 
+import helpers as testing
 import pytest
-
-from dist_sense import testing
-from dist_sense.dictionary import SenseDictionary
 from slurm_cluster import SlurmCluster, why_unavailable
+
+from dist_sense.formats.dictionary import SenseDictionary
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(why_unavailable()), reason=str(why_unavailable()))]
 

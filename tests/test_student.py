@@ -1,13 +1,13 @@
 """The student: truncation keeps the teacher's weights, a separate model gets a linear map, save/load."""
 import json
 
+import helpers as testing
 import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from dist_sense import testing
 from dist_sense.config import ConfigError, RunConfig
-from dist_sense.student import (StudentError, build_student, check_vocabulary, load_student, save_student)
+from dist_sense.model.student import StudentError, build_student, check_vocabulary, load_student, save_student
 
 IDS = torch.tensor([[4, 10, 11, 12, 13], [4, 20, 21, 22, 0]])
 MASK = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])

@@ -6,11 +6,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import helpers as testing
 import pytest
-
-from dist_sense import testing
-from dist_sense.dist import free_port
 from run_fixture import distilled_run  # noqa: F401  (the shared tiny run)
+
+from dist_sense.comm import free_port
 
 pytestmark = pytest.mark.slow
 

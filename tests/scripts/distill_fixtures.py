@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import helpers as testing
 import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from dist_sense import corpus, manifest, testing
-from dist_sense.dictionary import SenseDictionary
-from dist_sense.label_data import LABELS_FORMAT, LABELS_VERSION
-from dist_sense.shards import RankShardWriter, npy_bytes
+from dist_sense.formats import corpus, manifest
+from dist_sense.formats.dictionary import SenseDictionary
+from dist_sense.formats.labels import LABELS_FORMAT, LABELS_VERSION
+from dist_sense.formats.shards import RankShardWriter, npy_bytes
 
 
 def teacher_windows(teacher_dir, n_docs: int, max_length: int, seed: int):
@@ -114,7 +115,7 @@ def make_run(run_dir, teacher_dir, n_docs: int = 48, max_length: int = 16, sense
 def chance_agreement(run_dir) -> float:
     """Mean 1/k over labelled tokens: the top-1 agreement of a student that guesses."""
     dictionary = SenseDictionary.load(Path(run_dir) / "dictionary")
-    from dist_sense.label_data import read_labels_manifest, read_samples, shard_keys
+    from dist_sense.formats.labels import read_labels_manifest, read_samples, shard_keys
 
     labels = Path(run_dir) / "labels"
     inverse = []

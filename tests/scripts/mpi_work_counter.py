@@ -7,10 +7,10 @@ import json
 import sys
 import time
 
-from dist_sense.build_dict import Collectives
+from dist_sense.comm import open_comm
 
 LIMIT = int(sys.argv[2])
-comm = Collectives.from_env()
+comm = open_comm()
 claimed = []
 with comm.work_counter() as counter:
     while (number := counter.claim()) < LIMIT:
@@ -18,7 +18,7 @@ with comm.work_counter() as counter:
         end = time.perf_counter() + (0.01 if comm.rank == 0 else 0.001)
         while time.perf_counter() < end:
             counter.poll()
-everyone = [claimed] if comm.comm is None else comm.comm.gather(claimed, root=0)
+everyone = comm.gather(claimed)
 if comm.rank == 0:
     with open(sys.argv[1], "w") as f:
         json.dump(everyone, f)

@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dist_sense import dist
+from dist_sense import comm
 from dist_sense.config import ModelConfig
-from dist_sense.teacher import Teacher, run_lockstep
+from dist_sense.model.teacher import Teacher, run_lockstep
 
 
 def main(model_dir: str, out_dir: str) -> None:
-    env = dist.init_torch()
-    summed = dist.all_reduce_sum(torch.tensor([float(env.rank + 1)]))
+    env = comm.init_torch()
+    summed = comm.all_reduce_sum(torch.tensor([float(env.rank + 1)]))
     teacher = Teacher(ModelConfig(teacher=model_dir), "tests/ds_z3_partition_all.json", micro_batch=2)
     assert teacher.partitioned
     ids = torch.tensor([[2, 10, 11, 12, 3], [2, 20, 21, 3, 0]])

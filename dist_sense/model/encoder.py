@@ -1,0 +1,192 @@
+"""SenseEncoder: the user-facing end of a run. Text in; senses and embeddings out.
+
+    from dist_sense import SenseEncoder
+    enc = SenseEncoder.load("runs/demo", model="student")   # or model="teacher"
+    out = enc.encode(["the bank of the river"])[0]
+    out.sense_ids, out.sense_embeddings, out.sentence_embedding
+    enc.senses("bank"); enc.disambiguate("she sat on the bank", "bank")
+
+Snapping (the paper's drop-in replacement) is one gather and one batched matmul per
+batch: dot, cos and l2 all reduce to a dot product against a transformed sense table
+built once (losses.sense_table: the same transform the distillation loss uses).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dist_sense.config import RunConfig
+from dist_sense.formats.dictionary import SenseDictionary
+from dist_sense.model.losses import sense_logits, sense_queries, sense_table
+
+
+@dataclass
+class EncodedText:
+    """One text's encoding; arrays are numpy unless encode(..., return_tensors="pt")."""
+
+    token_ids: np.ndarray
+    """int64 [n] token ids, special tokens included."""
+    tokens: list[str]
+    """The n tokens as strings."""
+    sense_ids: np.ndarray
+    """int64 [n] sense of each token within its token's senses; -1 where the token has none."""
+    sense_embeddings: np.ndarray
+    """[n, d] each token's sense centre (its continuous state where it has no sense)."""
+    hidden: np.ndarray
+    """[n, d] continuous states."""
+    sentence_embedding: np.ndarray
+    """[d] mean of the continuous states over non-special tokens."""
+    sentence_sense_embedding: np.ndarray
+    """[d] mean of the sense embeddings over non-special tokens."""
+    offsets: list[tuple[int, int]]
+    """Character span of each token in the text ((0, 0) for specials)."""
+
+
+class SnapTable:
+    """The dictionary's senses on a device, transformed so every similarity is a dot product."""
+
+    def __init__(self, dictionary: SenseDictionary, similarity: str, device):
+        if similarity not in ("dot", "cos", "l2"):
+            raise ValueError(f"similarity={similarity!r}: use dot, cos or l2")
+        centres, mask, token_to_row = (torch.from_numpy(np.ascontiguousarray(a)) for a in dictionary.padded(np))
+        self.raw = centres.to(device)
+        self.centres, self.mask = sense_table(centres, similarity).to(device), mask.to(device)
+        self.token_to_row = token_to_row.to(device)
+        self.similarity = similarity
+
+    def snap(self, token_ids: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sense ids [N] with -1 where none, sense embeddings [N, d]) for flat ids [N] and states [N, d]."""
+        vocab = self.token_to_row.shape[0]
+        rows = torch.where((token_ids >= 0) & (token_ids < vocab), self.token_to_row[token_ids.clamp(0, vocab - 1)], -1)
+        has = rows >= 0
+        sense = torch.full_like(token_ids, -1)
+        embedded = states.clone()
+        if has.any():
+            h = sense_queries(states[has], self.similarity)
+            best = sense_logits(h, rows[has], self.centres, self.mask).argmax(dim=-1)
+            sense[has] = best
+            embedded[has] = self.raw[rows[has], best].to(states.dtype)
+        return sense, embedded
+
+
+class SenseEncoder:
+    """A teacher or distilled student plus the run's sense dictionary."""
+
+    def __init__(self, model, tokenizer, dictionary: SenseDictionary, forward, similarity: str = "dot",
+                 device=None, max_length: int = 512):
+        self.model, self.tokenizer, self.dictionary, self._forward = model, tokenizer, dictionary, forward
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.table = SnapTable(dictionary, similarity, self.device)
+        self.max_length = max_length
+
+    @classmethod
+    def load(cls, run_dir, model: str = "student", similarity: str | None = None, device=None,
+             student_dir: str | None = None) -> "SenseEncoder":
+        """Open RUN (its config.json and dictionary/) with the teacher or the student (RUN/student/final)."""
+        from dist_sense.model.student import load_student
+        from dist_sense.model.teacher import layer_states, load_tokenizer, normalise_layer, resolve_model_path
+
+        run_dir = Path(run_dir)
+        cfg = RunConfig.load(run_dir / "config.json")
+        dictionary = SenseDictionary.load(run_dir / "dictionary")
+        tokenizer = load_tokenizer(cfg.model)
+        dictionary.check_tokenizer(tokenizer)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if model == "teacher":
+            from transformers import AutoModel
+
+            net = AutoModel.from_pretrained(resolve_model_path(cfg.model.teacher), dtype=torch.float32).to(device).eval()
+            n_layers = int(net.config.num_hidden_layers)
+            layer = normalise_layer(cfg.model.layer, n_layers)
+
+            def forward(ids, mask):
+                return layer_states(net, ids, mask, layer, n_layers)
+        elif model == "student":
+            net = load_student(Path(student_dir) if student_dir else run_dir / "student" / "final", device)
+            forward = net
+        else:
+            raise ValueError(f"model={model!r}: use 'student' or 'teacher'")
+        return cls(net, tokenizer, dictionary, forward, similarity or cfg.eval.similarity, device,
+                   max_length=min(int(tokenizer.model_max_length or 512), 512))
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], batch_size: int = 32, return_tensors: str = "np") -> list[EncodedText]:
+        """Encode `texts` in batches; one EncodedText per text, in order (longer texts are cut at max_length).
+
+        Batches are formed from texts of similar length (longest first), so little of each
+        forward is spent on padding; results come back in the order of `texts`.
+        """
+        texts = list(texts)
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out: list[EncodedText | None] = [None] * len(texts)
+        for start in range(0, len(order), batch_size):
+            part = order[start : start + batch_size]
+            for i, encoded in zip(part, self._encode_batch([texts[i] for i in part], return_tensors)):
+                out[i] = encoded
+        return out
+
+    def _encode_batch(self, texts: list[str], return_tensors: str) -> list[EncodedText]:
+        # Right padding: row i's first n entries are text i (and decoders keep their positions).
+        enc = self.tokenizer(texts, padding=True, padding_side="right", truncation=True, max_length=self.max_length,
+                             return_offsets_mapping=True, return_special_tokens_mask=True, return_tensors="pt")
+        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        states = self._forward(ids, mask).float()
+        valid = mask.bool()
+        sense, embedded = self.table.snap(ids[valid], states[valid])
+        sense_grid = torch.full_like(ids, -1)
+        sense_grid[valid] = sense
+        emb_grid = torch.zeros_like(states)
+        emb_grid[valid] = embedded
+        content = (valid & ~enc["special_tokens_mask"].to(self.device).bool()).float()
+        denom = content.sum(1, keepdim=True).clamp_min(1)
+        pooled = (states * content[..., None]).sum(1) / denom
+        pooled_senses = (emb_grid * content[..., None]).sum(1) / denom
+        convert = (lambda t: t.cpu()) if return_tensors == "pt" else (lambda t: t.cpu().numpy())
+        results = []
+        for i in range(len(texts)):
+            n = int(valid[i].sum())
+            token_ids = ids[i, :n]
+            results.append(EncodedText(
+                token_ids=convert(token_ids), tokens=self.tokenizer.convert_ids_to_tokens(token_ids.tolist()),
+                sense_ids=convert(sense_grid[i, :n]), sense_embeddings=convert(emb_grid[i, :n]),
+                hidden=convert(states[i, :n]), sentence_embedding=convert(pooled[i]),
+                sentence_sense_embedding=convert(pooled_senses[i]),
+                offsets=[tuple(o) for o in enc["offset_mapping"][i, :n].tolist()],
+            ))
+        return results
+
+    def word_tokens(self, word: str) -> list[int]:
+        """The token ids of `word` on its own, trying the leading-space form BPE vocabularies use."""
+        ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+        spaced = self.tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        return spaced if len(spaced) < len(ids) else ids
+
+    def senses(self, word: str) -> list[dict]:
+        """Per token of `word`: its senses with their counts and example contexts."""
+        listing = []
+        for token in self.word_tokens(word):
+            entry = {"token": self.tokenizer.convert_ids_to_tokens(token), "token_id": token, "senses": []}
+            if token in self.dictionary:
+                counts, examples = self.dictionary.sense_counts(token), self.dictionary.examples(token)
+                entry["senses"] = [{"sense": i, "count": int(c), "examples": examples[i] if i < len(examples) else []}
+                                   for i, c in enumerate(counts)]
+            listing.append(entry)
+        return listing
+
+    def disambiguate(self, text: str, word: str) -> dict:
+        """The sense of the first occurrence of `word` in `text`, with examples of that sense."""
+        found = re.search(rf"\b{re.escape(word)}\b", text, flags=re.IGNORECASE)
+        if not found:
+            raise ValueError(f"word {word!r} does not occur in the text {text[:80]!r}")
+        encoded = self.encode([text])[0]
+        for i, (a, b) in enumerate(encoded.offsets):
+            if b > a and a < found.end() and b > found.start():  # first token overlapping the word
+                token, sense = int(encoded.token_ids[i]), int(encoded.sense_ids[i])
+                examples = self.dictionary.examples(token) if token in self.dictionary else []
+                return {"word": word, "token": encoded.tokens[i], "token_id": token, "position": i, "sense": sense,
+                        "examples": examples[sense] if 0 <= sense < len(examples) else []}
+        raise ValueError(f"word {word!r} was cut off: it lies beyond max_length={self.max_length} tokens")

@@ -1,0 +1,182 @@
+"""The teacher under DeepSpeed ZeRO-3: load once, forward in lockstep, read one layer.
+
+Used by the extraction and labelling passes (and evaluation). ZeRO-3 partitions the
+parameters across ranks and gathers each layer collectively during the forward, so
+every rank must call `forward` the same number of times: `run_lockstep` makes ranks
+agree on the number of batches and feeds dummy batches to the ranks that run short.
+extract.partition=replicate (and auto on a single rank) loads a whole copy per rank instead.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from dist_sense import comm
+from dist_sense.config import ConfigError, ModelConfig
+from dist_sense.formats.manifest import model_fingerprint, tokenizer_fingerprint
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TeacherError(RuntimeError):
+    """A teacher that cannot be loaded or used as configured; the message names it."""
+
+
+def resolve_model_path(spec: str) -> Path:
+    """A model directory from a path, or from an installed package that ships one (`pkg:NAME`)."""
+    if not spec:
+        raise ConfigError("model.teacher: empty; give a model directory (with config.json) or pkg:PACKAGE")
+    if spec.startswith("pkg:"):
+        found = importlib.util.find_spec(spec[4:])
+        if found is None or not found.submodule_search_locations:
+            raise TeacherError(f"model.teacher={spec!r}: package {spec[4:]!r} is not installed")
+        root = Path(list(found.submodule_search_locations)[0])
+        configs = sorted(root.rglob("config.json"), key=lambda p: len(p.parts))
+        if not configs:
+            raise TeacherError(f"model.teacher={spec!r}: no config.json inside {root}")
+        return configs[0].parent
+    path = Path(spec)
+    if not (path / "config.json").is_file():
+        raise TeacherError(f"model.teacher={spec!r}: {path / 'config.json'} not found; not a model directory")
+    return path
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg.tokenizer or cfg.teacher)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as err:
+        raise TeacherError(f"tokenizer at {path} does not load: {err}") from None
+    if tokenizer.pad_token_id is None:
+        # Decoders often ship without a pad token; padding is masked, so any id will do.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def zero3_config(path: str, dtype: str, micro_batch: int, offload: str = "none", nvme_path: str = "") -> dict:
+    """The ZeRO-3 inference config from ds_configs/, with dtype, batch and offload filled in."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"extract.ds_config={path}: cannot read DeepSpeed JSON ({err})") from None
+    config = copy.deepcopy(config)
+    zero = config.setdefault("zero_optimization", {})
+    if zero.get("stage") != 3:
+        raise ConfigError(f"{path}: zero_optimization.stage must be 3 for the teacher, found {zero.get('stage')}")
+    if offload != "none":
+        zero["offload_param"] = {"device": offload, "pin_memory": comm.cuda_available()}
+        if offload == "nvme":
+            zero["offload_param"]["nvme_path"] = nvme_path
+    config["bf16"] = {"enabled": dtype == "bf16"}
+    config["fp16"] = {"enabled": dtype == "fp16"}
+    config["train_micro_batch_size_per_gpu"] = micro_batch
+    config.pop("train_batch_size", None)
+    config.pop("gradient_accumulation_steps", None)
+    return config
+
+
+def use_zero3(partition: str, world_size: int, offload: str) -> bool:
+    """Whether the teacher is partitioned with ZeRO-3 (see extract.partition)."""
+    if partition == "auto":
+        # One rank holds every parameter anyway: without offload, ZeRO-3 would only add gather hooks.
+        return world_size > 1 or offload != "none"
+    return partition == "zero3"
+
+
+class Teacher:
+    """A frozen HF model, partitioned with ZeRO-3 or replicated; `hidden(ids, mask)` returns the configured layer."""
+
+    def __init__(self, cfg: ModelConfig, ds_config: str, micro_batch: int, offload: str = "none", nvme_path: str = "",
+                 partition: str = "auto"):
+        from transformers import AutoConfig, AutoModel
+
+        self.path = resolve_model_path(cfg.teacher)
+        self.tokenizer = load_tokenizer(cfg)
+        try:
+            hf_config = AutoConfig.from_pretrained(self.path)
+        except Exception as err:
+            raise TeacherError(f"model.teacher={cfg.teacher}: config does not load: {err}") from None
+        self.n_layers = int(getattr(hf_config, "num_hidden_layers", 0))
+        self.layer = normalise_layer(cfg.layer, self.n_layers)
+        self.d = int(hf_config.hidden_size)
+        self.dtype = cfg.dtype
+        ds = zero3_config(ds_config, cfg.dtype, micro_batch, offload, nvme_path)
+        env = comm.init_torch()
+        self.partitioned = use_zero3(partition, env.world_size, offload)
+        if self.partitioned:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            # Must exist before from_pretrained (so weights load partitioned) and stay alive after.
+            self._hf_ds_config = HfDeepSpeedConfig(ds)
+        try:
+            model = AutoModel.from_pretrained(self.path, dtype=TORCH_DTYPES[cfg.dtype])
+        except Exception as err:
+            raise TeacherError(f"model.teacher={cfg.teacher}: weights do not load: {err}") from None
+        model.eval().requires_grad_(False)
+        if self.partitioned:
+            import deepspeed
+
+            self._engine = deepspeed.initialize(model=model, config=ds)[0]  # kept: it owns the gather hooks
+            self.module, self.device = self._engine.module, self._engine.device
+        else:
+            self.device = comm.device()
+            self.module = model.to(self.device)
+        self.module.eval()
+        self.fingerprint = model_fingerprint(self.path)
+        self.tokenizer_fingerprint = tokenizer_fingerprint(self.tokenizer)
+
+    @torch.no_grad()
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, L, d] float32 states of the configured layer (the final-norm output for the last)."""
+        return layer_states(self.module, input_ids.to(self.device), attention_mask.to(self.device),
+                            self.layer, self.n_layers)
+
+    def dummy_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch whose only purpose is to keep this rank in step with the others."""
+        ids = torch.full((batch_size, 2), self.tokenizer.pad_token_id, dtype=torch.long)
+        return ids, torch.ones_like(ids)
+
+
+def layer_states(model, input_ids, attention_mask, layer: int, n_layers: int) -> torch.Tensor:
+    """[B, L, d] float32 states of `layer` (0..n_layers) of an HF model; the last is its final output."""
+    want_all = layer != n_layers
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=want_all, return_dict=True)
+    return (out.hidden_states[layer] if want_all else out.last_hidden_state).float()
+
+
+def normalise_layer(layer: int, n_layers: int) -> int:
+    """Layer index in 0..n_layers (0: embeddings; n_layers: last); negative counts from the end."""
+    if not -(n_layers + 1) <= layer <= n_layers:
+        raise ConfigError(f"model.layer={layer}: the teacher has {n_layers} layers; use -{n_layers + 1}..{n_layers}")
+    return layer % (n_layers + 1)
+
+
+def run_lockstep(
+    teacher: Teacher,
+    batches: Iterable,
+    to_tensors: Callable[[object], tuple[torch.Tensor, torch.Tensor]],
+    batch_size: int,
+) -> Iterator[tuple[object, torch.Tensor]]:
+    """Yield (batch, hidden) for this rank's batches, keeping every rank's forward count equal.
+
+    Before each forward the ranks agree (one tiny all-reduce) whether any of them still
+    has data; a rank that has run out forwards a dummy batch whose output is dropped,
+    so ZeRO-3's parameter gathers line up and nobody waits forever. Streaming: no rank
+    needs to know its batch count in advance.
+    """
+    iterator = iter(batches)
+    while True:
+        batch = next(iterator, None)
+        if comm.all_reduce_max(batch is not None) == 0:
+            return
+        if batch is None:
+            teacher.hidden(*teacher.dummy_batch(batch_size))
+            continue
+        yield batch, teacher.hidden(*to_tensors(batch))

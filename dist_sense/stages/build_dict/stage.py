@@ -1,0 +1,182 @@
+"""Stage 2: RUN/hidden/ shards -> RUN/dictionary/, by MPI k-means over tiles of tokens.
+
+`mpirun -n N python launcher/build_dict.py --config C` (or `srun --mpi=pmi2 ...`); one
+process without a launcher works too. The ranks read the hidden shards once, in units
+of samples claimed from a shared counter, and bucket their rows by tile (tile_spill.py:
+in memory up to a budget, then in scratch files). Then, tile by tile, all ranks cluster
+the tile's tokens that have more vectors than k together (kmeans.cluster_tile: an
+allgathered subsample fixes k and the k-means++ start, Lloyd iterations cost one
+allreduce each). Finished tiles are held in batches; each tile's writer rank then makes
+the senses of its tokens kept as their distinct vectors, the examples of the batch are
+picked together, and the writers write their shards at once (tile_finish.py). A shard
+that exists and matches its tile and the settings is final, so a rerun only builds the
+missing ones. index.json is written last, by rank 0.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from dist_sense.comm import LocalComm, SharedCounter, get_logger, open_comm
+from dist_sense.formats.dictionary import shard_entry, write_index
+from dist_sense.kmeans import tile as kmeans
+from dist_sense.runtime import backend
+from dist_sense.runtime.faults import crash_point
+from dist_sense.stages.build_dict.finish import FinishedTile, TileFinisher, finished_tile
+from dist_sense.stages.build_dict.plan import (
+    TilePlan,
+    plan_tiles,
+    read_hidden_manifest,
+    settings_fingerprint,
+    unfinished_tiles,
+)
+from dist_sense.stages.build_dict.spill import TileSpill, work_units
+
+log = get_logger("dist_sense.build_dict")
+
+
+def run(cfg) -> Path:
+    """Build (or finish) RUN/dictionary from RUN/hidden; returns the dictionary directory."""
+    comm = open_comm()
+    xp = backend.get_xp(comm.local_rank)
+    hidden_dir, out_dir = cfg.run_path / "hidden", cfg.run_path / "dictionary"
+    hidden = read_hidden_manifest(hidden_dir)
+    plan = plan_tiles(hidden, cfg.kmeans)
+    settings = settings_fingerprint(hidden, cfg.kmeans)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = comm.bcast(unfinished_tiles(out_dir, plan, settings) if comm.rank == 0 else None)
+    log.info("%d tiles of up to %d tokens, %d to build, %d ranks on %s", len(plan.tiles), cfg.kmeans.tile_tokens,
+             len(todo), comm.world, backend.name(xp))
+    written: dict[int, dict] = {}  # index entries of the tiles built now (rank 0)
+    if todo:
+        units = work_units([(s["file"], s["samples"]) for s in hidden["shards"]], FILL_UNIT_SAMPLES,
+                           tail_samples=2 * comm.world * FILL_UNIT_SAMPLES, tail_unit=FILL_UNIT_SAMPLES // 4)
+        spill = TileSpill(out_dir / ".work" / f"rank-{comm.rank:03d}", hidden["dtype"], int(hidden["d"]),
+                          cfg.kmeans.spill_memory_mb << 20)
+        with comm.work_counter() as counter:
+            spill.fill(_claimed(units, hidden_dir, counter), plan, todo, cfg.kmeans.seed, poll=counter.poll)
+        spill.seal()  # after the counter's closing barrier: see TileSpill.seal
+        metrics = Metrics(cfg.run_path / "tb" / "kmeans", enabled=comm.rank == 0)
+        finisher = TileFinisher(comm, spill, out_dir, settings, cfg.kmeans.examples_per_sense,
+                                cfg.kmeans.held_results_mb << 20, metrics.senses)
+        for tile in _progress(todo, comm.rank == 0):
+            finisher.add(build_tile(tile, plan, spill, comm, cfg.kmeans, xp, metrics))
+            crash_point("build_dict.tile")
+        finisher.flush()
+        written = finisher.entries
+        metrics.close()
+        spill.remove()
+    comm.barrier()
+    if comm.rank == 0:
+        entries = [written.get(tile) or shard_entry(out_dir, tile) for tile in range(len(plan.tiles))]
+        write_index(out_dir, index_body(hidden, hidden_dir, cfg.kmeans, plan, entries, settings), entries)
+        shutil.rmtree(out_dir / ".work", ignore_errors=True)
+        log.info("wrote %s", out_dir / "index.json")
+    comm.barrier()
+    return out_dir
+
+
+FILL_UNIT_SAMPLES = 128
+"""Samples per claimed reading unit: small enough that ranks finish reading within a unit of
+each other, large enough that a claim (one remote atomic add) and a seek are noise. The
+last two units per rank are cut in quarters (work_units' tail): the ranks then finish
+within a quarter unit of each other."""
+
+
+def _claimed(units: list, hidden_dir: Path, counter: SharedCounter):
+    """The reading units this rank claims, until the shared counter passes the last one."""
+    while (number := counter.claim()) < len(units):
+        file, start, stop = units[number]
+        yield hidden_dir / file, start, stop
+
+
+# ----------------------------------------------------------------------------- one tile
+
+
+def build_tile(tile: int, plan: TilePlan, spill: TileSpill, comm: LocalComm, kcfg, xp, metrics) -> FinishedTile:
+    """Cluster one tile on all ranks; its examples and shard are left to a TileFinisher."""
+    started, reduce_before = time.perf_counter(), comm.allreduce_seconds
+    tokens = plan.tiles[tile]
+    rows, meta = spill.read(tile)
+    local, order = kmeans.make_local_tile(rows, np.searchsorted(tokens, meta["token"]), meta["priority"], len(tokens),
+                                          xp, kcfg.spherical)
+    del rows
+    # Tokens with no more vectors than k are left to the tile's writer (tile_finish), not gathered everywhere.
+    result = kmeans.cluster_tile(local, kcfg, comm.allreduce, comm.allgather, xp, seed=tile,
+                                 on_iteration=metrics.iteration, share=(comm.rank, comm.world), keep_small=False)
+    done = finished_tile(tile, tokens, local, result, meta[order], comm.rank, kcfg.examples_per_sense, xp)
+    seconds = time.perf_counter() - started
+    metrics.tile(tile, result, seconds, (comm.allreduce_seconds - reduce_before) / max(seconds, 1e-9))
+    return done
+
+
+def index_body(hidden: dict, hidden_dir: Path, kcfg, plan: TilePlan, entries: list[dict], settings: str) -> dict:
+    def total(key):
+        return int(sum(e.get(key, 0) for e in entries))
+
+    return {
+        "teacher": hidden.get("teacher", ""), "teacher_fingerprint": hidden["teacher_fingerprint"],
+        "tokenizer_fingerprint": hidden["tokenizer_fingerprint"], "layer": hidden["layer"], "d": int(hidden["d"]),
+        "dtype": "fp32", "hidden_dtype": hidden["dtype"], "vocab_size": int(hidden["vocab_size"]),
+        "k_policy": kcfg.k_policy, "k": kcfg.k if kcfg.k_policy == "fixed" else None, "kmeans": asdict(kcfg),
+        "settings": settings, "hidden_manifest": str(hidden_dir / "manifest.json"),
+        "totals": {
+            "tokens": total("tokens"), "senses": total("senses"), "vectors": total("vectors"),
+            "tokens_kept_as_vectors": total("kept_as_vectors"), "tokens_without_vectors": total("without_vectors"),
+            "tokens_below_min_count": plan.below_min_count["tokens"],
+            "vectors_below_min_count": plan.below_min_count["vectors"],
+        },
+    }
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class Metrics:
+    """TensorBoard scalars under RUN/tb/kmeans (rank 0 only; every rank computes the same numbers)."""
+
+    def __init__(self, directory: Path, enabled: bool):
+        self.writer, self.step = None, 0
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:  # pragma: no cover - tensorboard is a requirement
+                log.warning("no TensorBoard logging (%s)", err)
+            else:
+                self.writer = SummaryWriter(str(directory))
+
+    def iteration(self, record: dict) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar("kmeans/inertia", record["inertia"], self.step)
+            self.writer.add_scalar("kmeans/centre_shift", record["shift"], self.step)
+            self.writer.add_scalar("kmeans/reseeded", record["reseeded"], self.step)
+        self.step += 1
+
+    def tile(self, tile: int, result: kmeans.TileResult, seconds: float, allreduce_share: float) -> None:
+        log.debug("tile %d: %d tokens clustered into %d senses, %d kept as vectors, %d iterations, inertia %.4g, "
+                  "%.2fs (%.0f%% allreduce)", tile, len(result.slots), len(result.centroids),
+                  int(result.kept_as_vectors.sum()), len(result.history), result.inertia, seconds,
+                  100 * allreduce_share)
+        if self.writer is not None:
+            self.writer.add_scalar("kmeans/tile_inertia", result.inertia, tile)
+            self.writer.add_scalar("speed/tile_s", seconds, tile)
+            self.writer.add_scalar("speed/allreduce_share", allreduce_share, tile)
+
+    def senses(self, tile: int, per_token: np.ndarray) -> None:
+        """Senses of each token of a written tile (clustered and kept as vectors alike)."""
+        if self.writer is not None and len(per_token):
+            self.writer.add_histogram("kmeans/senses_per_token", per_token, tile)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _progress(tiles: list[int], enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(tiles, desc="k-means tiles", unit="tile", disable=not enabled)

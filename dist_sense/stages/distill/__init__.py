@@ -1,0 +1,5 @@
+"""Stage 3: distil a student against RUN/labels under DeepSpeed ZeRO-2 (stage: the training loop;
+checkpoints: resumable state)."""
+from dist_sense.stages.distill.stage import run
+
+__all__ = ["run"]

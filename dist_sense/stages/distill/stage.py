@@ -1,0 +1,357 @@
+"""Stage 3 (training): distil a student against the sense labels under DeepSpeed ZeRO-2.
+
+Inputs: RUN/dictionary/ and RUN/labels/ (the teacher does not run here). Output: RUN/student/
+  checkpoints/stepN/   DeepSpeed checkpoints (every distill.save_every steps and at the end);
+                       client state: data position, every rank's RNG state, the run identity
+  checkpoints/run.json the identity of the run the checkpoints belong to (fingerprints, student)
+  metrics.jsonl        one JSON line per step and per evaluation (rank 0)
+  final/               save_student of the last step (written to a temporary name, renamed)
+A rerun resumes from the newest checkpoint: weights, optimizer, schedule, data position, RNG (checkpoints.py).
+Batch sizes come from distill.* through `batch_settings`; ds_configs/ hold engine settings only.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dist_sense import comm
+from dist_sense.config import ConfigError, RunConfig
+from dist_sense.formats.dictionary import SenseDictionary
+from dist_sense.formats.labels import LabelData, LabelsError, check_labels_match_dictionary, read_labels_manifest
+from dist_sense.formats.manifest import atomic_write_json, file_fingerprint
+from dist_sense.model.losses import mse_loss, positions_per_chunk, sense_kd_loss, sense_table
+from dist_sense.model.student import build_student, check_vocabulary, save_student
+from dist_sense.model.teacher import load_tokenizer
+from dist_sense.runtime.faults import crash_point
+from dist_sense.runtime.metrics import summary_writer
+from dist_sense.stages.distill.checkpoints import (  # noqa: F401
+    CheckpointError,
+    check_checkpoint_identity,
+    latest_tag,
+    resume,
+    save_checkpoint,
+    seed_everything,
+)
+
+log = comm.get_logger("dist_sense.distill")
+
+MIN_LR_RATIO = 0.1
+"""The cosine schedule ends at this fraction of the peak learning rate."""
+ENGINE_OWNED_BY_CONFIG = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "scheduler")
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def student_dir(cfg: RunConfig) -> Path:
+    """RUN/student for the sense loss; RUN/student_mse for the MSE baseline, so both can live in one run."""
+    return cfg.run_path / ("student" if cfg.distill.loss == "kd" else "student_mse")
+
+
+def batch_settings(cfg: RunConfig, world_size: int) -> tuple[int, int]:
+    """(micro batch per rank, gradient accumulation steps) from distill.*; ConfigError unless they divide."""
+    micro, total = cfg.distill.micro_batch_size, cfg.distill.global_batch_size
+    if world_size < 1 or total % (micro * world_size):
+        raise ConfigError(
+            f"distill.global_batch_size={total} is not a multiple of distill.micro_batch_size={micro} x "
+            f"world size {world_size} = {micro * world_size}: change one of them")
+    return micro, total // (micro * world_size)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Learning-rate multiplier after `step` optimizer steps: linear warm-up, then cosine to MIN_LR_RATIO."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(total - warmup, 1))
+    return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def engine_config(cfg: RunConfig, micro: int, accum: int) -> dict:
+    """The DeepSpeed JSON with batch sizes, optimizer values and bf16 "auto" filled in."""
+    path = Path(cfg.distill.ds_config)
+    if not path.is_absolute() and not path.exists():  # a launch from outside the checkout
+        path = Path(__file__).resolve().parent.parent / path
+    try:
+        config = copy.deepcopy(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"distill.ds_config={path}: cannot read DeepSpeed JSON ({err})") from None
+    for key in ENGINE_OWNED_BY_CONFIG:
+        if key in config:
+            raise ConfigError(f"{path}: {key!r} is set from distill.* (batch sizes, warmup_steps, steps); "
+                              f"remove it from the DeepSpeed JSON")
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2):
+        raise ConfigError(f"{path}: zero_optimization.stage={stage}; the student trains with ZeRO stage 0-2")
+    for precision in ("bf16", "fp16"):
+        section = config.setdefault(precision, {"enabled": False})
+        if section.get("enabled") == "auto":  # bf16 where a GPU can do it; fp32 on CPU
+            section["enabled"] = comm.cuda_available() and precision == "bf16"
+    optimizer = config.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = optimizer.setdefault("params", {})
+    params.update(lr=cfg.distill.lr, weight_decay=cfg.distill.weight_decay)
+    # torch's AdamW needs no compiled op; with optimizer offload DeepSpeed's CPU Adam is the fast one.
+    offload = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    params.setdefault("torch_adam", offload in ("none", None))
+    config.setdefault("steps_per_print", 1 << 30)  # we log ourselves
+    config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum,
+                  train_batch_size=cfg.distill.global_batch_size)
+    return config
+
+
+def run_identity(cfg: RunConfig, labels_manifest: dict) -> dict:
+    """What a checkpoint must share with this run to be resumed by it."""
+    labels_file = cfg.run_path / "labels" / "manifest.json"
+    return {"labels_fingerprint": file_fingerprint([labels_file]),
+            "dictionary_fingerprint": labels_manifest.get("dictionary_fingerprint"),
+            "teacher_fingerprint": labels_manifest.get("teacher_fingerprint"),
+            "init": cfg.distill.init, "layers": cfg.distill.layers if cfg.distill.init == "truncate" else None,
+            "student_model": cfg.distill.student_model, "loss": cfg.distill.loss,
+            "freeze_embeddings": cfg.distill.freeze_embeddings}
+
+
+def prepare(cfg: RunConfig, world_size: int) -> dict:
+    """Every check that needs no process group: dictionary, labels, loss inputs, batches, checkpoints."""
+    dictionary = SenseDictionary.load(cfg.run_path / "dictionary")
+    labels_dir = cfg.run_path / "labels"
+    manifest = read_labels_manifest(labels_dir)
+    check_labels_match_dictionary(labels_dir, cfg.run_path / "dictionary", manifest, dictionary.meta)
+    if cfg.distill.loss == "mse" and not manifest.get("store_hidden"):
+        raise LabelsError(f"{labels_dir / 'manifest.json'}: distill.loss=mse needs the teacher's states; "
+                          f"rerun the label stage with label.store_hidden=true")
+    micro, accum = batch_settings(cfg, world_size)
+    identity = run_identity(cfg, manifest)
+    ckpt_dir = student_dir(cfg) / "checkpoints"
+    check_checkpoint_identity(ckpt_dir, identity)
+    return {"dictionary": dictionary, "manifest": manifest, "micro": micro, "accum": accum,
+            "identity": identity, "ckpt_dir": ckpt_dir}
+
+
+# ----------------------------------------------------------------------------- one step, evaluation
+
+
+class SenseTable:
+    """The dictionary's padded senses on the training device, and the loss settings that use them."""
+
+    def __init__(self, dictionary: SenseDictionary, device, loss: str, temperature: float, dtype=torch.float32,
+                 similarity: str = "dot"):
+        centres, mask, token_to_row = dictionary.padded(np)
+        # T x K_max x d can be large: stored in the student's compute dtype (bf16 on GPUs), logits in fp32.
+        # Transformed for the labels' similarity, so the student is scored the way the teacher was.
+        self.centres = sense_table(torch.from_numpy(np.ascontiguousarray(centres)), similarity).to(device, dtype)
+        self.mask = torch.from_numpy(np.ascontiguousarray(mask)).to(device)
+        self.token_to_row = torch.from_numpy(np.ascontiguousarray(token_to_row)).to(device)
+        self.chunk = positions_per_chunk(self.centres.shape[1], self.centres.shape[2])
+        self.loss, self.temperature, self.similarity = loss, temperature, similarity
+
+    def compute(self, states, batch: dict):
+        """(loss to optimise, stats tensors n / correct_top1 / correct_top5) for one micro-batch."""
+        args = (batch["input_ids"], batch["targets"], self.centres, self.mask, self.token_to_row)
+        if self.loss == "mse":
+            loss, _ = mse_loss(states, batch["teacher"], batch["attention_mask"])
+            with torch.no_grad():  # sense agreement, so both losses are compared on one scale
+                _, stats = sense_kd_loss(states.detach(), *args, chunk_positions=self.chunk, similarity=self.similarity)
+            return loss, stats
+        return sense_kd_loss(states, *args, soft_ids=batch.get("soft_ids"), soft_probs=batch.get("soft_probs"),
+                             chunk_positions=self.chunk, temperature=self.temperature, similarity=self.similarity)
+
+
+def _on(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train_step(engine, data: LabelData, senses: SenseTable, accum: int) -> dict:
+    """One optimizer step (accum micro-batches per rank); returns metrics averaged over ranks."""
+    sums = torch.zeros(6, dtype=torch.float64, device=comm.device())
+    for _ in range(accum):
+        batch = _on(data.next_batch(), engine.device)
+        states = engine(batch["input_ids"], batch["attention_mask"])
+        loss, stats = senses.compute(states, batch)
+        engine.backward(loss)
+        engine.step()
+        tokens = batch["attention_mask"].sum()
+        sums += torch.stack([loss.detach().double(), stats["correct_top1"].double(), stats["correct_top5"].double(),
+                             stats["n"].double(), tokens.double(), torch.ones((), dtype=torch.float64, device=sums.device)])
+    comm.all_reduce_sum(sums)
+    loss_sum, top1, top5, n, tokens, micro = sums.tolist()
+    return {"loss": loss_sum / micro, "acc/top1": top1 / max(n, 1), "acc/top5": top5 / max(n, 1),
+            "labelled": n, "tokens": tokens}
+
+
+@torch.no_grad()
+def evaluate(engine, data: LabelData, senses: SenseTable) -> dict | None:
+    """Loss and sense agreement on the held-out split, summed over ranks (None if it is empty)."""
+    module = engine.module
+    module.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=comm.device())
+    for batch in data.eval_batches():
+        batch = _on(batch, engine.device)
+        loss, stats = senses.compute(module(batch["input_ids"], batch["attention_mask"]), batch)
+        weight = stats["n"].double() if senses.loss == "kd" else batch["attention_mask"].sum().double()
+        sums += torch.stack([loss.double() * weight, weight, stats["correct_top1"].double(), stats["correct_top5"].double()])
+    module.train()
+    comm.all_reduce_sum(sums)
+    loss_sum, weight, top1, top5 = sums.tolist()
+    if weight == 0:
+        return None
+    n = weight if senses.loss == "kd" else None
+    result = {"eval/loss": loss_sum / weight}
+    if n:
+        result.update({"eval/top1": top1 / n, "eval/top5": top5 / n})
+    return result
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class MetricsLog:
+    """Rank 0's JSON lines (RUN/student/metrics.jsonl), TensorBoard and progress bar; no-ops elsewhere."""
+
+    def __init__(self, cfg: RunConfig, start_step: int):
+        from tqdm import tqdm
+
+        self.main = comm.detect().is_main
+        self.path = student_dir(cfg) / "metrics.jsonl"
+        self.loss_tag = f"loss/{cfg.distill.loss}"
+        self.tb = summary_writer(cfg.run_path, "distill" if cfg.distill.loss == "kd" else "distill_mse")
+        self.bar = tqdm(total=cfg.distill.steps, initial=start_step, unit="step", desc="distill", disable=not self.main)
+        if self.main and self.path.is_file():
+            # Steps after the checkpoint we resume from were never committed (nor a line cut by a kill): drop them.
+            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= start_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, step: int, values: dict) -> None:
+        if not self.main:
+            return
+        for tag, value in values.items():
+            self.tb.add_scalar(tag, value, step)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+
+    def train(self, step: int, stats: dict, lr: float, grad_norm, seconds: float) -> None:
+        values = {self.loss_tag: stats["loss"], "acc/top1": stats["acc/top1"], "acc/top5": stats["acc/top5"],
+                  "lr": lr, "speed/tokens_per_s": stats["tokens"] / max(seconds, 1e-9)}
+        if grad_norm is not None:
+            values["grad_norm"] = float(grad_norm)
+        self.write(step, values)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{stats['loss']:.4f}", top1=f"{stats['acc/top1']:.3f}")
+
+    def close(self) -> None:
+        self.bar.close()
+        self.tb.close()
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def run(cfg: RunConfig) -> Path:
+    """Distil the student into RUN/student/ (resuming from its newest checkpoint) and return that directory."""
+    env = comm.init_torch()
+    plan = prepare(cfg, env.world_size)
+    out_dir = student_dir(cfg)
+    if env.is_main:
+        cfg.save()
+    tokenizer = load_tokenizer(cfg.model)
+    seed_everything(cfg.distill.seed)  # the same initial student on every rank
+    student = build_student(cfg, plan["dictionary"].d)
+    check_vocabulary(student, tokenizer)
+    engine = _initialize(cfg, student, plan)
+    seed_everything(cfg.distill.seed + 1000 * (env.rank + 1))  # dropout differs by rank
+    data = LabelData(cfg.run_path / "labels", plan["manifest"], env.rank, env.world_size, plan["micro"],
+                     global_batch=cfg.distill.global_batch_size, seed=cfg.distill.seed, eval_fraction=cfg.distill.eval_fraction,
+                     pad_id=tokenizer.pad_token_id or 0,
+                     skip_fields=() if cfg.distill.loss == "mse" else ("teacher",))  # the sense loss never reads them
+    senses = SenseTable(plan["dictionary"], engine.device, cfg.distill.loss, float(plan["manifest"].get("temperature") or 1.0),
+                        dtype=torch.bfloat16 if engine.bfloat16_enabled() else torch.float32,
+                        similarity=plan["manifest"].get("similarity") or "dot")
+    step = resume(engine, plan["ckpt_dir"], plan["identity"], data)
+    if env.is_main:
+        atomic_write_json(plan["ckpt_dir"] / "run.json", plan["identity"])
+    _train(cfg, engine, data, senses, plan, step)
+    if env.is_main:
+        _write_final(engine, out_dir, tokenizer, plan["identity"], int(engine.global_steps))
+    comm.barrier()
+    return out_dir
+
+
+def _initialize(cfg: RunConfig, student, plan: dict):
+    import deepspeed
+
+    if cfg.distill.freeze_embeddings:
+        student.backbone.get_input_embeddings().requires_grad_(False)
+    trainable = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.ndim >= 2 and "norm" not in n.lower()]
+    no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "norm" not in n.lower())]
+    groups = [{"params": decay, "weight_decay": cfg.distill.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    warmup, steps = cfg.distill.warmup_steps, cfg.distill.steps
+
+    def schedule(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps))
+
+    config = engine_config(cfg, plan["micro"], plan["accum"])
+    engine, *_ = deepspeed.initialize(model=student, model_parameters=groups, config=config, lr_scheduler=schedule)
+    log.info("student %s: %d parameters (%d trained); micro batch %d x %d ranks x %d accumulation = %d windows per step",
+             student.info.get("init"), sum(p.numel() for p in student.parameters()),
+             sum(p.numel() for _, p in trainable), plan["micro"],
+             comm.detect().world_size, plan["accum"], cfg.distill.global_batch_size)
+    return engine
+
+
+def _train(cfg: RunConfig, engine, data: LabelData, senses: SenseTable, plan: dict, step: int) -> None:
+    metrics = MetricsLog(cfg, step)
+    every_eval, every_save = cfg.distill.eval_every, cfg.distill.save_every
+    if step == 0 and every_eval and (result := evaluate(engine, data, senses)):
+        metrics.write(0, result)  # the starting point, for comparison
+    if step >= cfg.distill.steps:
+        log.info("already trained for %d steps (distill.steps=%d): nothing to do", step, cfg.distill.steps)
+        metrics.close()
+        return
+    saved_at = step
+    while step < cfg.distill.steps:
+        started, lr = time.time(), engine.get_lr()[0]  # the rate this step uses
+        stats = train_step(engine, data, senses, plan["accum"])
+        step = int(engine.global_steps)
+        crash_point("distill.step")
+        metrics.train(step, stats, lr, engine.get_global_grad_norm(), time.time() - started)
+        if every_eval and step % every_eval == 0 and step < cfg.distill.steps:
+            if result := evaluate(engine, data, senses):
+                metrics.write(step, result)
+                log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        if every_save and step % every_save == 0:
+            save_checkpoint(engine, plan["ckpt_dir"], step, data, plan["identity"])
+            saved_at = step
+    if saved_at != step or latest_tag(plan["ckpt_dir"]) is None:
+        save_checkpoint(engine, plan["ckpt_dir"], step, data, plan["identity"])
+    if result := evaluate(engine, data, senses):
+        metrics.write(step, result)
+        log.info("final, step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    metrics.close()
+
+
+def _write_final(engine, out_dir: Path, tokenizer, identity: dict, step: int) -> None:
+    """RUN/student/final/ via a temporary directory and a rename, so a crash never leaves half of it."""
+    final = out_dir / "final"
+    tmp = out_dir / f".final.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_student(engine.module, tmp, tokenizer, extra={"identity": identity, "steps": step})
+    old = out_dir / f".final.old{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    log.info("student written to %s", final)
