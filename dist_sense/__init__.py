@@ -1,7 +1,8 @@
 """dist_sense: multi-sense embeddings and sense distillation, distributed on DeepSpeed and MPI.
 
 `from dist_sense import SenseEncoder` is the entry point for using a finished run;
-the stages are the modules extract, build_dict, label and distill (each `run(cfg)`).
+the stages live in dist_sense.stages (each `run(cfg)`), launched through dist_sense.cli.
+README.md's Layout section maps the folders.
 """
 
 __version__ = "0.1.0"

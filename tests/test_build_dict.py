@@ -69,7 +69,7 @@ def make_hidden_dir(run_dir: Path, dtype="fp16", samples=24, per_sample=20, extr
 def make_config(run_dir: Path, **kmeans) -> RunConfig:
     settings = dict(k=3, tile_tokens=8, subsample=64, min_count=2, max_iter=30, examples_per_sense=2)
     settings.update(kmeans)
-    return RunConfig.from_dict({"run_dir": str(run_dir), "kmeans": settings}).validate()
+    return RunConfig.from_dict({"run_dir": str(run_dir), "kmeans": settings})
 
 
 def load_arrays(directory: Path) -> dict:
@@ -137,6 +137,18 @@ def test_resume_rebuilds_only_missing_tile(tmp_path):
     # other settings make every tile stale
     build_dict.run(make_config(tmp_path, k=2))
     assert all(p.stat().st_mtime_ns != stamps[p.name] for p in out.glob("senses-*.safetensors"))
+
+
+def test_memory_budgets_rebuild_nothing(tmp_path):
+    """The memory section changes how the stage runs, not the settings fingerprint: every shard stays."""
+    make_hidden_dir(tmp_path)
+    out = build_dict.run(make_config(tmp_path))
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("senses-*")}
+    settings = json.loads((out / "index.json").read_text())["settings"]
+    lean = RunConfig.from_dict({**make_config(tmp_path).to_dict(), "memory": {"spill_mb": 0, "held_results_mb": 0}})
+    build_dict.run(lean)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("senses-*")} == stamps
+    assert json.loads((out / "index.json").read_text())["settings"] == settings
 
 
 def test_missing_manifest(tmp_path):
@@ -255,7 +267,7 @@ def test_killed_rank_then_rerun_gives_byte_identical_dictionary(tmp_path):
         if name == "crashed":
             # Tiles written as they finish (no held batch), so some are on disk at the kill; the
             # rerun and the whole run hold them in one batch: the files must not differ.
-            proc = testing.run_mpirun(script, [*args, "kmeans.held_results_mb=0"], nproc=2, timeout=120, check=False,
+            proc = testing.run_mpirun(script, [*args, "memory.held_results_mb=0"], nproc=2, timeout=120, check=False,
                                       env={"DIST_SENSE_CRASH": "build_dict.tile:2:1"})
             assert proc.returncode != 0 and not (run_dir / "dictionary" / "index.json").exists()
             assert list((run_dir / "dictionary").glob("senses-*.safetensors")), "no tile finished before the kill"

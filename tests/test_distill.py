@@ -76,14 +76,14 @@ def two_rank_run(tmp_path_factory, inputs, tiny_llama):
 def test_batch_settings_divide_or_name_the_fields():
     cfg = RunConfig()
     cfg.distill.global_batch_size, cfg.distill.micro_batch_size = 16, 4
-    assert distill.batch_settings(cfg, 1) == (4, 4)
-    assert distill.batch_settings(cfg, 2) == (4, 2)
-    assert distill.batch_settings(cfg, 4) == (4, 1)
+    assert cfg.distill.batch_split(1) == (4, 4)
+    assert cfg.distill.batch_split(2) == (4, 2)
+    assert cfg.distill.batch_split(4) == (4, 1)
     with pytest.raises(ConfigError, match=r"distill.global_batch_size=16 .* distill.micro_batch_size=4 x world size 8"):
-        distill.batch_settings(cfg, 8)
+        cfg.distill.batch_split(8)
     cfg.distill.micro_batch_size = 3
     with pytest.raises(ConfigError, match=r"distill.micro_batch_size=3 x world size 2"):
-        distill.batch_settings(cfg, 2)
+        cfg.distill.batch_split(2)
 
 
 def test_lr_schedule_warms_up_then_decays():

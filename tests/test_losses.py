@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from reference_loss import reference_loop_loss
 
-from dist_sense.model import fused_loss, losses
-from dist_sense.model.losses import mse_loss, positions_per_chunk, reference_loop_loss, sense_kd_loss
+from dist_sense.model.losses import mse_loss, positions_per_chunk, sense_kd_loss
 
 VOCAB, D = 20, 8
 
@@ -44,15 +44,6 @@ def make_batch(centres_mask_rows, batch=3, length=9, seed=1):
 @pytest.fixture
 def senses():
     return make_senses()
-
-
-@pytest.fixture(autouse=True, params=["torch", "fused"])
-def implementation(request, monkeypatch):
-    """Every test here runs on both sense losses: batched torch ops and the compiled kernel (test_fused_loss.py)."""
-    if request.param == "fused" and not fused_loss.usable(torch.zeros(1), torch.zeros(1), None):
-        pytest.skip(f"the fused kernel did not build here: {fused_loss.unavailable_reason()}")
-    monkeypatch.setattr(losses, "IMPLEMENTATION", request.param)
-    return request.param
 
 
 def grad_of(loss, states):

@@ -1,9 +1,11 @@
 """Run configuration: one dataclass per stage, loaded from JSON, overridden by `key=value`.
 
 Every field carries a one-line docstring (the string right under it). `RunConfig.load`
-reads a JSON file, applies command-line overrides (`kmeans.k=10`, `run_dir=/x`) and
-validates; unknown keys and invalid values raise `ConfigError` naming the key.
-The DeepSpeed JSON files in ds_configs/ hold engine settings only; batch sizes live here.
+reads a JSON file and applies command-line overrides (`kmeans.k=10`, `run_dir=/x`); every
+section validates itself when it is constructed (`Section.__post_init__`: directly, from
+JSON, by `dataclasses.replace`), so unknown keys and invalid values raise `ConfigError`
+naming the key and no invalid config exists. The DeepSpeed JSON files in ds_configs/ hold
+engine settings only; batch sizes live here (`DistillConfig.batch_split`).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from dist_sense.config.fields import (  # noqa: F401 (ConfigError, field_docs: re-exported)
     ConfigError,
+    Section,
     apply_override,
     build_dataclass,
     check_choice,
@@ -27,10 +30,13 @@ from dist_sense.config.fields import (  # noqa: F401 (ConfigError, field_docs: r
 
 DTYPES = ("fp32", "bf16", "fp16")
 SIMILARITIES = ("dot", "cos", "l2")
+MOVED_KEYS = {"kmeans.spill_memory_mb": "memory.spill_mb", "kmeans.held_results_mb": "memory.held_results_mb"}
+"""Keys that moved: an old config that sets one is told where it went."""
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
+    _key = "model"
     teacher: str = ""
     """Teacher model: a local directory `AutoModel.from_pretrained` can load."""
     tokenizer: str = ""
@@ -40,12 +46,13 @@ class ModelConfig:
     dtype: str = "fp32"
     """Teacher compute dtype: fp32, bf16 or fp16."""
 
-    def validate(self) -> None:
+    def _check(self) -> None:
         check_choice("model.dtype", self.dtype, DTYPES)
 
 
 @dataclass
-class CorpusConfig:
+class CorpusConfig(Section):
+    _key = "corpus"
     path: str = ""
     """Text files (.txt, .jsonl/.json, .csv, .parquet), a directory of them, or a `save_to_disk` directory."""
     text_field: str = "text"
@@ -57,7 +64,7 @@ class CorpusConfig:
     max_documents: int = 0
     """Read at most this many documents (0: all)."""
 
-    def validate(self) -> None:
+    def _check(self) -> None:
         check_positive("corpus.max_length", self.max_length)
         if not 0 <= self.stride < self.max_length:
             raise ConfigError(f"corpus.stride={self.stride}: must be >= 0 and < corpus.max_length={self.max_length}")
@@ -65,7 +72,8 @@ class CorpusConfig:
 
 
 @dataclass
-class ExtractConfig:
+class ExtractConfig(Section):
+    _key = "extract"
     cap: int = 1000
     """Target number of kept hidden states per token over the whole corpus (keep prob min(1, cap/count))."""
     seed: int = 0
@@ -89,7 +97,7 @@ class ExtractConfig:
     nvme_path: str = ""
     """Directory for NVMe parameter offload (offload=nvme)."""
 
-    def validate(self) -> None:
+    def _check(self) -> None:
         check_positive("extract.cap", self.cap)
         check_positive("extract.batch_size", self.batch_size)
         check_positive("extract.shard_samples", self.shard_samples)
@@ -103,7 +111,8 @@ class ExtractConfig:
 
 
 @dataclass
-class KMeansConfig:
+class KMeansConfig(Section):
+    _key = "kmeans"
     k_policy: str = "fixed"
     """How many senses a token gets: fixed (k) or mcl (Markov clustering rule of the paper)."""
     k: int = 20
@@ -130,7 +139,25 @@ class KMeansConfig:
     """Most MCL iterations."""
     examples_per_sense: int = 3
     """Example contexts stored per sense (the occurrences nearest its centre)."""
-    spill_memory_mb: int = 512
+
+    def _check(self) -> None:
+        check_choice("kmeans.k_policy", self.k_policy, ("fixed", "mcl"))
+        for name in ("k", "max_iter", "tile_tokens", "subsample", "min_count", "mcl_expansion", "mcl_iters"):
+            check_positive(f"kmeans.{name}", getattr(self, name))
+        check_nonnegative("kmeans.examples_per_sense", self.examples_per_sense)
+        if self.tol < 0:
+            raise ConfigError(f"kmeans.tol={self.tol}: must be >= 0")
+        if self.mcl_inflation <= 1:
+            raise ConfigError(f"kmeans.mcl_inflation={self.mcl_inflation}: must be > 1")
+
+
+@dataclass
+class MemoryConfig(Section):
+    """Memory budgets of the build_dict stage: how it runs, never what it builds, so they are
+    not part of the dictionary's settings fingerprint (changing them rebuilds nothing)."""
+
+    _key = "memory"
+    spill_mb: int = 512
     """Hidden rows a rank holds in memory while reading, bucketed by tile; past this it appends
     them to per-tile scratch files (RUN/dictionary/.work) and starts over (in batches of at least
     64 MB, so 0 spills everything as it goes). Does not change the dictionary."""
@@ -140,21 +167,14 @@ class KMeansConfig:
     all ranks together; a crash loses at most these. 0: each tile as it finishes. Does not
     change the dictionary."""
 
-    def validate(self) -> None:
-        check_choice("kmeans.k_policy", self.k_policy, ("fixed", "mcl"))
-        for name in ("k", "max_iter", "tile_tokens", "subsample", "min_count", "mcl_expansion", "mcl_iters"):
-            check_positive(f"kmeans.{name}", getattr(self, name))
-        check_nonnegative("kmeans.examples_per_sense", self.examples_per_sense)
-        check_nonnegative("kmeans.spill_memory_mb", self.spill_memory_mb)
-        check_nonnegative("kmeans.held_results_mb", self.held_results_mb)
-        if self.tol < 0:
-            raise ConfigError(f"kmeans.tol={self.tol}: must be >= 0")
-        if self.mcl_inflation <= 1:
-            raise ConfigError(f"kmeans.mcl_inflation={self.mcl_inflation}: must be > 1")
+    def _check(self) -> None:
+        check_nonnegative("memory.spill_mb", self.spill_mb)
+        check_nonnegative("memory.held_results_mb", self.held_results_mb)
 
 
 @dataclass
-class LabelConfig:
+class LabelConfig(Section):
+    _key = "label"
     corpus_path: str = ""
     """Distillation corpus; empty means corpus.path (windowing and text_field come from corpus)."""
     similarity: str = "l2"
@@ -172,7 +192,7 @@ class LabelConfig:
     store_hidden: bool = False
     """Also store the teacher's hidden states (fp16) per token, for the MSE distillation baseline."""
 
-    def validate(self) -> None:
+    def _check(self) -> None:
         check_choice("label.similarity", self.similarity, SIMILARITIES)
         check_positive("label.batch_size", self.batch_size)
         check_positive("label.shard_samples", self.shard_samples)
@@ -182,7 +202,8 @@ class LabelConfig:
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(Section):
+    _key = "distill"
     init: str = "truncate"
     """Student: truncate (the teacher's first `layers` layers) or model (`student_model` + linear map)."""
     layers: int = 4
@@ -218,7 +239,7 @@ class DistillConfig:
     ds_config: str = "ds_configs/z2.json"
     """DeepSpeed engine config (ZeRO-2)."""
 
-    def validate(self) -> None:
+    def _check(self) -> None:
         check_choice("distill.init", self.init, ("truncate", "model"))
         check_choice("distill.loss", self.loss, ("kd", "mse"))
         for name in ("layers", "global_batch_size", "micro_batch_size", "steps"):
@@ -232,9 +253,27 @@ class DistillConfig:
         if self.init == "model" and not self.student_model:
             raise ConfigError("distill.init=model needs distill.student_model")
 
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches each rank runs per optimizer step on `world_size` ranks:
+        global_batch_size / (micro_batch_size x world_size); ConfigError naming the keys unless it divides."""
+        micro, total = self.micro_batch_size, self.global_batch_size
+        if world_size < 1:
+            raise ConfigError(f"world size {world_size}: must be >= 1 to split distill.global_batch_size={total}")
+        if total % (micro * world_size):
+            raise ConfigError(
+                f"distill.global_batch_size={total} is not a multiple of distill.micro_batch_size={micro} x "
+                f"world size {world_size} = {micro * world_size}: change one of them")
+        return total // (micro * world_size)
+
+    def batch_split(self, world_size: int) -> tuple[int, int]:
+        """(micro batch per rank, gradient accumulation steps) on `world_size` ranks: DeepSpeed's
+        train_micro_batch_size_per_gpu and gradient_accumulation_steps; ConfigError unless they divide."""
+        return self.micro_batch_size, self.accumulation_steps(world_size)
+
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
+    _key = "eval"
     corpus_path: str = ""
     """Held-out text for fidelity and agreement; empty means corpus.path."""
     max_documents: int = 200
@@ -253,7 +292,7 @@ class EvalConfig:
     mse_student: str = ""
     """The MSE-trained baseline student; empty means RUN/student_mse/final when it exists."""
 
-    def validate(self) -> None:
+    def _check(self) -> None:
         check_positive("eval.max_documents", self.max_documents)
         check_positive("eval.max_probe_examples", self.max_probe_examples)
         for task in self.probe_tasks:
@@ -264,13 +303,14 @@ class EvalConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Section):
     run_dir: str = "runs/default"
     """Directory of the run: every stage reads and writes only here."""
     model: ModelConfig = field(default_factory=ModelConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     kmeans: KMeansConfig = field(default_factory=KMeansConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -279,31 +319,33 @@ class RunConfig:
     def run_path(self) -> Path:
         return Path(self.run_dir)
 
-    def validate(self) -> "RunConfig":
+    def _check(self) -> None:
         if not self.run_dir:
             raise ConfigError("run_dir: must not be empty")
+        hints = typing.get_type_hints(RunConfig)
         for f in dataclasses.fields(self):
-            section = getattr(self, f.name)
-            if dataclasses.is_dataclass(section):
-                section.validate()
-        return self
+            kind, section = hints[f.name], getattr(self, f.name)
+            if dataclasses.is_dataclass(kind):
+                if not isinstance(section, kind):
+                    raise ConfigError(f"{f.name}: must be a {kind.__name__}, got {section!r}")
+                section._validate()  # again: a section changed in place since it was built
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "RunConfig":
-        return build_dataclass(cls, data, prefix="", source=source)
+        return build_dataclass(cls, data, prefix="", source=source, moved=MOVED_KEYS)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> "RunConfig":
-        """Read `path` (JSON; None for defaults), apply `key=value` overrides, validate."""
+        """Read `path` (JSON; None for defaults), apply `key=value` overrides; built, so validated."""
         data: dict = {}
         if path is not None:
             data = read_json(Path(path))
         for item in overrides:
             apply_override(data, item)
-        return cls.from_dict(data, source=str(path or "overrides")).validate()
+        return cls.from_dict(data, source=str(path or "overrides"))
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
         """Write the resolved config (default RUN/config.json), atomically."""

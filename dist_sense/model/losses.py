@@ -1,4 +1,4 @@
-"""Distillation losses: sense cross-entropy (vectorised), the MSE baseline, and the slow reference.
+"""Distillation losses: sense cross-entropy (vectorised) and the MSE baseline.
 
 For every labelled position (target >= 0, token in the dictionary) the student's state h
 scores its token's senses C_t (padded to K_max, masked) with the similarity the teacher's
@@ -6,23 +6,16 @@ labels were made with: dot C_t . h, cos, or l2 -||h - c||^2 (as the labelling st
 so soft targets and student logits live on one scale). The loss is the
 cross-entropy against the teacher's sense (or the KL divergence to the teacher's top-k soft
 targets), averaged over the labelled positions of the batch. All positions are handled by one
-gather and one batched matmul; `reference_loop_loss` is the per-token Python loop of the
-reference code, kept only to test against and to benchmark.
+gather and one batched matmul, in torch on every device (the per-token loop of the reference
+code lives in tests/reference_loss.py, to test against).
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from dist_sense.config import SIMILARITIES
-from dist_sense.model import fused_loss
 
 TOP_K_AGREEMENT = 5
-# Which sense loss runs: "fused" (fused_loss: one compiled CPU pass, forward and backward),
-# "torch" (_SenseLoss below: batched torch ops, any device and precision), or "auto": fused for
-# CPU tensors of one precision (fp32/fp64) when the kernel builds, torch otherwise.
-IMPLEMENTATIONS = ("auto", "fused", "torch")
-IMPLEMENTATION = "auto"
 
 
 def labelled_positions(input_ids, targets, token_to_row):
@@ -172,7 +165,7 @@ def soft_target_distribution(soft_ids, soft_probs, k_max: int):
 
 def sense_kd_loss(student_states, input_ids, targets, centres, sense_mask, token_to_row,
                   soft_ids=None, soft_probs=None, chunk_positions: int = 0, temperature: float = 1.0,
-                  similarity: str = "dot", implementation: str | None = None):
+                  similarity: str = "dot"):
     """(mean loss over labelled positions, stats {correct_top1, correct_top5, n}) for one batch.
 
     student_states [B, L, d]; input_ids, targets [B, L] (target -1: ignore); centres [T, K, d],
@@ -183,12 +176,7 @@ def sense_kd_loss(student_states, input_ids, targets, centres, sense_mask, token
     Stats are 0-dim tensors; a batch without labels gives a zero loss that still reaches every
     parameter, so DeepSpeed's backward runs the same on every rank.
     For similarity cos or l2, `centres` must come from `sense_table(centres, similarity)`.
-    implementation: see IMPLEMENTATIONS (default IMPLEMENTATION); the fused kernel never builds
-    the [positions, K, d] gather, so chunk_positions does not apply to it.
     """
-    if _use_fused(implementation or IMPLEMENTATION, student_states, centres, soft_probs):
-        return fused_loss.sense_kd_loss(student_states, input_ids, targets, centres, sense_mask, token_to_row,
-                                        soft_ids, soft_probs, temperature, similarity)
     d = student_states.shape[-1]
     index, rows = labelled_positions(input_ids, targets, token_to_row)
     n = index.numel()
@@ -213,20 +201,6 @@ def sense_kd_loss(student_states, input_ids, targets, centres, sense_mask, token
     return total / n, {"correct_top1": top1, "correct_top5": top5, "n": torch.tensor(n, device=student_states.device)}
 
 
-def _use_fused(implementation: str, states, centres, soft_probs) -> bool:
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation={implementation!r}: use one of {IMPLEMENTATIONS}")
-    if implementation == "torch":
-        return False
-    usable = fused_loss.usable(states, centres, soft_probs)
-    if implementation == "fused" and not usable:
-        why = fused_loss.unavailable_reason() or (
-            f"states {states.dtype} on {states.device}, senses {centres.dtype} on {centres.device}: "
-            f"the kernel takes CPU tensors of one precision, fp32 or fp64")
-        raise ValueError(f"implementation='fused' cannot run here: {why}")
-    return usable
-
-
 def mse_loss(student_states, teacher_states, mask):
     """Mean squared error over the positions where `mask` is true (mean over the width too)."""
     keep = mask.reshape(-1).bool()
@@ -236,27 +210,6 @@ def mse_loss(student_states, teacher_states, mask):
     if n == 0:
         return student_states.sum() * 0.0, {"n": torch.tensor(0)}
     return diff.pow(2).mean(), {"n": torch.tensor(n)}
-
-
-def reference_loop_loss(student_states, input_ids, targets, centres, sense_mask, token_to_row):
-    """THE SLOW BASELINE: one token at a time, as the reference code's double loop does.
-
-    For testing `sense_kd_loss` against and for the benchmark only; never for training.
-    """
-    total, n = student_states.sum() * 0.0, 0
-    batch, length = targets.shape
-    for b in range(batch):
-        for pos in range(length):
-            target = int(targets[b, pos])
-            token = int(input_ids[b, pos])
-            row = int(token_to_row[token]) if 0 <= token < token_to_row.shape[0] else -1
-            if target < 0 or row < 0:
-                continue
-            senses = centres[row][sense_mask[row]]  # this token's own senses, unpadded
-            logits = senses @ student_states[b, pos]
-            total = total + F.cross_entropy(logits[None], torch.tensor([target], device=logits.device))
-            n += 1
-    return total / max(n, 1)
 
 
 def positions_per_chunk(k_max: int, d: int, budget_elements: int = 1 << 26) -> int:

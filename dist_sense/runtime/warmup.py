@@ -1,9 +1,8 @@
-"""Build the compiled CPU ops once, at install time, into TORCH_EXTENSIONS_DIR.
+"""Build DeepSpeed's CPU shared-memory communication op once, at install time, into TORCH_EXTENSIONS_DIR.
 
-On CPU DeepSpeed compiles a shared-memory communication op at its first
-`init_distributed` (about 40 s on 2 cores), and the fused sense loss compiles its
-kernel at first use (about a second). `make install` runs this module so that the
-tests and the stages load the cached builds instead of each paying for them.
+On CPU DeepSpeed compiles this op at its first `init_distributed` (about 40 s on 2 cores).
+`make install` runs this module so that the tests and the stages load the cached build
+instead of each paying for it. On a GPU accelerator there is nothing to prebuild.
 """
 from __future__ import annotations
 
@@ -12,9 +11,6 @@ import time
 
 
 def main() -> None:
-    from dist_sense.model import fused_loss
-    kernel = fused_loss.library()
-    print(f"warmup: fused sense loss kernel {'ready' if kernel else 'not built: ' + str(fused_loss.unavailable_reason())}")
     if os.environ.get("DS_ACCELERATOR", "cpu") != "cpu":
         print("warmup: GPU accelerator, nothing to prebuild")
         return

@@ -17,8 +17,6 @@ from dist_sense.formats import manifest, shards
 from dist_sense.formats.dictionary import DictionaryError, read_shard, shard_name
 
 log = get_logger("dist_sense.build_dict")
-RESULT_NEUTRAL_SETTINGS = ("spill_memory_mb", "held_results_mb")
-"""k-means settings that change how the stage runs, not its result: changing them rebuilds nothing."""
 REQUIRED_FIELDS = ("teacher_fingerprint", "tokenizer_fingerprint", "layer", "d", "dtype", "vocab_size", "shards",
                    "kept_per_token")
 
@@ -69,11 +67,11 @@ def plan_tiles(hidden: dict, kcfg) -> TilePlan:
 
 
 def settings_fingerprint(hidden: dict, kcfg) -> str:
-    """Id of what a tile's result depends on: the hidden states and the k-means settings."""
+    """Id of what a tile's result depends on: the hidden states and the whole kmeans section
+    (the memory budgets, which change only how the stage runs, are a section of their own)."""
     source = {k: hidden[k] for k in ("teacher_fingerprint", "tokenizer_fingerprint", "layer", "d", "dtype")}
     source["shards"] = sorted([s["file"], s.get("samples")] for s in hidden["shards"])
-    kmeans_settings = {k: v for k, v in asdict(kcfg).items() if k not in RESULT_NEUTRAL_SETTINGS}
-    payload = json.dumps({"hidden": source, "kmeans": kmeans_settings}, sort_keys=True, default=str)
+    payload = json.dumps({"hidden": source, "kmeans": asdict(kcfg)}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -56,13 +56,13 @@ def run(cfg) -> Path:
         units = work_units([(s["file"], s["samples"]) for s in hidden["shards"]], FILL_UNIT_SAMPLES,
                            tail_samples=2 * comm.world * FILL_UNIT_SAMPLES, tail_unit=FILL_UNIT_SAMPLES // 4)
         spill = TileSpill(out_dir / ".work" / f"rank-{comm.rank:03d}", hidden["dtype"], int(hidden["d"]),
-                          cfg.kmeans.spill_memory_mb << 20)
+                          cfg.memory.spill_mb << 20)
         with comm.work_counter() as counter:
             spill.fill(_claimed(units, hidden_dir, counter), plan, todo, cfg.kmeans.seed, poll=counter.poll)
         spill.seal()  # after the counter's closing barrier: see TileSpill.seal
         metrics = Metrics(cfg.run_path / "tb" / "kmeans", enabled=comm.rank == 0)
         finisher = TileFinisher(comm, spill, out_dir, settings, cfg.kmeans.examples_per_sense,
-                                cfg.kmeans.held_results_mb << 20, metrics.senses)
+                                cfg.memory.held_results_mb << 20, metrics.senses)
         for tile in _progress(todo, comm.rank == 0):
             finisher.add(build_tile(tile, plan, spill, comm, cfg.kmeans, xp, metrics))
             crash_point("build_dict.tile")

@@ -7,7 +7,7 @@ Inputs: RUN/dictionary/ and RUN/labels/ (the teacher does not run here). Output:
   metrics.jsonl        one JSON line per step and per evaluation (rank 0)
   final/               save_student of the last step (written to a temporary name, renamed)
 A rerun resumes from the newest checkpoint: weights, optimizer, schedule, data position, RNG (checkpoints.py).
-Batch sizes come from distill.* through `batch_settings`; ds_configs/ hold engine settings only.
+Batch sizes come from distill.* through `DistillConfig.batch_split`; ds_configs/ hold engine settings only.
 """
 from __future__ import annotations
 
@@ -54,16 +54,6 @@ ENGINE_OWNED_BY_CONFIG = ("train_batch_size", "train_micro_batch_size_per_gpu", 
 def student_dir(cfg: RunConfig) -> Path:
     """RUN/student for the sense loss; RUN/student_mse for the MSE baseline, so both can live in one run."""
     return cfg.run_path / ("student" if cfg.distill.loss == "kd" else "student_mse")
-
-
-def batch_settings(cfg: RunConfig, world_size: int) -> tuple[int, int]:
-    """(micro batch per rank, gradient accumulation steps) from distill.*; ConfigError unless they divide."""
-    micro, total = cfg.distill.micro_batch_size, cfg.distill.global_batch_size
-    if world_size < 1 or total % (micro * world_size):
-        raise ConfigError(
-            f"distill.global_batch_size={total} is not a multiple of distill.micro_batch_size={micro} x "
-            f"world size {world_size} = {micro * world_size}: change one of them")
-    return micro, total // (micro * world_size)
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -126,7 +116,7 @@ def prepare(cfg: RunConfig, world_size: int) -> dict:
     if cfg.distill.loss == "mse" and not manifest.get("store_hidden"):
         raise LabelsError(f"{labels_dir / 'manifest.json'}: distill.loss=mse needs the teacher's states; "
                           f"rerun the label stage with label.store_hidden=true")
-    micro, accum = batch_settings(cfg, world_size)
+    micro, accum = cfg.distill.batch_split(world_size)
     identity = run_identity(cfg, manifest)
     ckpt_dir = student_dir(cfg) / "checkpoints"
     check_checkpoint_identity(ckpt_dir, identity)

@@ -66,28 +66,7 @@ def word_occurrences(encoder, texts, words, max_per_word: int = 200, batch_size:
     if max_per_word < 1:
         raise ValueError(f"max_per_word={max_per_word}: must be at least 1")
     texts = list(texts)  # indexed twice below; a generator would be spent after one pass
-    # Which texts each word needs, so a text shared by several words is encoded once.
-    wanted: dict[int, list[tuple[str, int, int]]] = {}
-    for word in dict.fromkeys(words):
-        pattern, found = re.compile(rf"\b{re.escape(word)}\b", re.IGNORECASE), 0
-        for number, text in enumerate(texts):
-            match = pattern.search(text)
-            if match:
-                wanted.setdefault(number, []).append((word, match.start(), match.end()))
-                found += 1
-                if found == max_per_word:
-                    break
-    # word -> [(token id, vector, sense id, context)] in text order.
-    hits: dict[str, list[tuple]] = {word: [] for word in words}
-    order = sorted(wanted)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        for number, encoded in zip(chunk, encoder.encode([texts[n] for n in chunk], batch_size=batch_size)):
-            for word, a, b in wanted[number]:
-                position = _first_token(encoded.offsets, a, b)
-                if position is not None:
-                    hits[word].append((int(encoded.token_ids[position]), np.asarray(encoded.hidden[position]),
-                                       int(encoded.sense_ids[position]), _context(texts[number], a, b)))
+    hits = _word_hits(encoder, texts, _texts_per_word(texts, words, max_per_word), words, batch_size)
     dictionary, result = encoder.dictionary, {}
     for word in dict.fromkeys(words):
         if not hits[word]:
@@ -108,6 +87,37 @@ def word_occurrences(encoder, texts, words, max_per_word: int = 200, batch_size:
             "examples": dictionary.examples(token_id),
         }
     return result
+
+
+def _texts_per_word(texts: list, words, max_per_word: int) -> dict[int, list[tuple[str, int, int]]]:
+    """text number -> [(word, start, end)] of its first whole-word match per word, at most
+    `max_per_word` texts a word; a text shared by several words is then encoded once."""
+    wanted: dict[int, list[tuple[str, int, int]]] = {}
+    for word in dict.fromkeys(words):
+        pattern, found = re.compile(rf"\b{re.escape(word)}\b", re.IGNORECASE), 0
+        for number, text in enumerate(texts):
+            match = pattern.search(text)
+            if match:
+                wanted.setdefault(number, []).append((word, match.start(), match.end()))
+                found += 1
+                if found == max_per_word:
+                    break
+    return wanted
+
+
+def _word_hits(encoder, texts: list, wanted: dict, words, batch_size: int) -> dict[str, list[tuple]]:
+    """word -> [(token id, vector, sense id, context)] of its first token in each wanted text, in text order."""
+    hits: dict[str, list[tuple]] = {word: [] for word in words}
+    order = sorted(wanted)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        for number, encoded in zip(chunk, encoder.encode([texts[n] for n in chunk], batch_size=batch_size)):
+            for word, a, b in wanted[number]:
+                position = _first_token(encoded.offsets, a, b)
+                if position is not None:
+                    hits[word].append((int(encoded.token_ids[position]), np.asarray(encoded.hidden[position]),
+                                       int(encoded.sense_ids[position]), _context(texts[number], a, b)))
+    return hits
 
 
 def _pca_2d(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
