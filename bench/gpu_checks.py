@@ -44,15 +44,15 @@ def synchronize(xp) -> None:
 
 def cluster(data, xp, k: int):
     from dist_sense.config import KMeansConfig
-    from dist_sense.kmeans import tile as kmeans
+    from dist_sense.kmeans.tile import cluster_tile, make_local_tile
     from dist_sense.runtime.backend import to_host
 
     vectors, slots, priority = data
     cfg = KMeansConfig(k=k, max_iter=50, tol=1e-4, subsample=256)
     synchronize(xp)
     start = time.perf_counter()
-    local, _ = kmeans.make_local_tile(vectors, slots, priority, int(slots.max()) + 1, xp)
-    result = kmeans.cluster_tile(local, cfg, xp=xp)
+    local, _ = make_local_tile(vectors, slots, priority, int(slots.max()) + 1, xp)
+    result = cluster_tile(local, cfg, xp=xp)
     synchronize(xp)
     return time.perf_counter() - start, result, to_host
 
@@ -61,8 +61,9 @@ def check_equal(xp, dry: bool) -> dict:
     data = mixture(16 if dry else 256, 200 if dry else 500, 64 if dry else 768, 20)
     gpu_s, on_gpu, to_host = cluster(data, xp, 20)
     cpu_s, on_cpu, _ = cluster(data, np, 20)
-    same_valid = bool(np.array_equal(on_gpu.valid, on_cpu.valid))
-    diff = float(np.abs(to_host(on_gpu.centres)[on_cpu.valid] - on_cpu.centres[on_cpu.valid]).max()) if same_valid else None
+    (gpu_centres, gpu_valid, _), (cpu_centres, cpu_valid, _) = on_gpu.dense(), on_cpu.dense()
+    same_valid = bool(np.array_equal(gpu_valid, cpu_valid))
+    diff = float(np.abs(to_host(gpu_centres)[cpu_valid] - cpu_centres[cpu_valid]).max()) if same_valid else None
     return {"same_senses": same_valid, "max_centre_abs_diff": diff, "inertia_ratio": on_gpu.inertia / on_cpu.inertia,
             "gpu_s": gpu_s, "numpy_s": cpu_s, "speedup_vs_numpy": cpu_s / gpu_s}
 
@@ -76,20 +77,22 @@ def peak_bandwidth(xp) -> float | None:
 
 
 def assignment_bandwidth(xp, dry: bool) -> dict:
-    from dist_sense.kmeans import tile as kmeans
+    from dist_sense.kmeans.lloyd import assign_senses, plan_chunks
+    from dist_sense.kmeans.tile import make_local_tile
+
     n_tokens, per_token, d, k = (16, 100, 64, 20) if dry else (256, 1000, 4096, 20)
     vectors, slots, priority = mixture(n_tokens, per_token, d, k, seed=1)
-    local, _ = kmeans.make_local_tile(vectors, slots, priority, n_tokens, xp)
+    local, _ = make_local_tile(vectors, slots, priority, n_tokens, xp)
     rng = np.random.default_rng(0)
     centres = xp.asarray(vectors[rng.choice(len(vectors), n_tokens * k, replace=False)].reshape(n_tokens, k, d))
     valid = xp.ones((n_tokens, k), dtype=bool)
-    chunks = kmeans.plan_chunks(local.offsets, d, xp)
-    kmeans.assign_senses(local, chunks, centres, valid, xp)  # warm-up (kernel compilation)
+    chunks = plan_chunks(local.offsets, d, xp)
+    assign_senses(local, chunks, centres, valid, xp)  # warm-up (kernel compilation)
     synchronize(xp)
     repeats = 5
     start = time.perf_counter()
     for _ in range(repeats):
-        kmeans.assign_senses(local, chunks, centres, valid, xp)
+        assign_senses(local, chunks, centres, valid, xp)
     synchronize(xp)
     seconds = (time.perf_counter() - start) / repeats
     moved = 4 * (vectors.size + centres.size)

@@ -1,4 +1,4 @@
-"""The pure maths of build_dict: batched per-token k-means, MCL k rule, seeding, collectives as arguments."""
+"""The pure maths of build_dict: batched per-token k-means, MCL k rule, seeding, collectives through a Comm."""
 import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -7,8 +7,15 @@ import numpy as np
 import pytest
 
 from dist_sense.config import KMeansConfig
+from dist_sense.kmeans import distinct as kmeans_distinct
 from dist_sense.kmeans import lloyd as kmeans_lloyd
-from dist_sense.kmeans import tile as kmeans
+from dist_sense.kmeans.distinct import distinct_senses, senses_of_rows
+from dist_sense.kmeans.lloyd import lloyd_stats, plan_chunks
+from dist_sense.kmeans.mcl import mcl_cluster_counts, senses_from_mcl
+from dist_sense.kmeans.start import plusplus_job, reseed_empty, share_tokens
+from dist_sense.kmeans.subsample import Subsample, gather_subsample
+from dist_sense.kmeans.tile import cluster_tile, make_local_tile, with_distinct_senses
+from dist_sense.kmeans.types import ONE_PROCESS
 
 D = 16
 
@@ -48,24 +55,30 @@ def per_token_inertia(local, result):
     return np.bincount(local.slots, weights=result.distances, minlength=local.n_tokens)
 
 
+def kmeans_plusplus(sub, k, rng, xp, comm=ONE_PROCESS):
+    """(centres, valid): k-means++ of every token of `sub`, each rank of `comm` seeding its share."""
+    (result,) = share_tokens([plusplus_job(sub, k, rng, xp)], comm, xp)
+    return result
+
+
 def test_recovers_true_centres(mixture):
     tokens, vectors, slots, priority, ks = mixture
-    local, _ = kmeans.make_local_tile(vectors, slots, priority, len(tokens), np)
-    result = kmeans.cluster_tile(local, config(), xp=np, k=ks)
-    assert (result.valid.sum(axis=1) == ks).all()
+    local, _ = make_local_tile(vectors, slots, priority, len(tokens), np)
+    centres, valid, counts = cluster_tile(local, config(), xp=np, k=ks).dense()
+    assert (valid.sum(axis=1) == ks).all()
     for t, (x, labels, k) in enumerate(tokens):
         means = np.stack([x[labels == j].mean(axis=0) for j in range(k)])
-        found = result.centres[t, :k]
+        found = centres[t, :k]
         assert np.abs(means[:, None] - found[None]).max(-1).min(1).max() < 1e-3, f"token {t}"
-        assert sorted(result.counts[t, :k]) == sorted(np.bincount(labels))
+        assert sorted(counts[t, :k]) == sorted(np.bincount(labels))
 
 
 def test_inertia_close_to_sklearn(mixture):
     from sklearn.cluster import KMeans
 
     tokens, vectors, slots, priority, ks = mixture
-    local, _ = kmeans.make_local_tile(vectors, slots, priority, len(tokens), np)
-    ours = per_token_inertia(local, kmeans.cluster_tile(local, config(), xp=np, k=ks))
+    local, _ = make_local_tile(vectors, slots, priority, len(tokens), np)
+    ours = per_token_inertia(local, cluster_tile(local, config(), xp=np, k=ks))
     theirs = np.array([
         KMeans(k, init="k-means++", n_init=1, random_state=t).fit(x.astype(np.float32)).inertia_
         for t, (x, _, k) in enumerate(tokens)
@@ -77,13 +90,13 @@ def test_inertia_close_to_sklearn(mixture):
 
 def test_tiny_chunks_give_the_same_result(mixture, monkeypatch):
     tokens, vectors, slots, priority, ks = mixture
-    local, _ = kmeans.make_local_tile(vectors, slots, priority, len(tokens), np)
-    whole = kmeans.cluster_tile(local, config(), xp=np, k=ks)
+    local, _ = make_local_tile(vectors, slots, priority, len(tokens), np)
+    whole_centres, _, whole_counts = cluster_tile(local, config(), xp=np, k=ks).dense()
     monkeypatch.setattr(kmeans_lloyd, "CHUNK_ELEMENTS", 300 * D)  # one or two tokens per chunk
-    assert len(kmeans.plan_chunks(local.offsets, D, np)) > 20
-    chunked = kmeans.cluster_tile(local, config(), xp=np, k=ks)
-    np.testing.assert_allclose(chunked.centres, whole.centres, atol=1e-5)
-    np.testing.assert_array_equal(chunked.counts, whole.counts)
+    assert len(plan_chunks(local.offsets, D, np)) > 20
+    chunked_centres, _, chunked_counts = cluster_tile(local, config(), xp=np, k=ks).dense()
+    np.testing.assert_allclose(chunked_centres, whole_centres, atol=1e-5)
+    np.testing.assert_array_equal(chunked_counts, whole_counts)
 
 
 def clustered_token(rng, n_clusters, per_cluster, spread=0.01):
@@ -92,17 +105,17 @@ def clustered_token(rng, n_clusters, per_cluster, spread=0.01):
 
 
 def test_mcl_k_rule():
-    assert kmeans.senses_from_mcl([0, 30, 59, 60, 899, 900, 901, 1000]).tolist() == [5, 5, 5, 6, 89, 90, 360, 400]
+    assert senses_from_mcl([0, 30, 59, 60, 899, 900, 901, 1000]).tolist() == [5, 5, 5, 6, 89, 90, 360, 400]
     rng = np.random.default_rng(1)
     groups = [clustered_token(rng, 7, 10), clustered_token(rng, 60, 3)]
     vectors = np.concatenate(groups).astype(np.float32)
     slots = np.repeat([0, 1], [len(g) for g in groups])
-    local, _ = kmeans.make_local_tile(vectors, slots, rng.integers(0, 2**63, len(slots), dtype=np.uint64), 2, np)
-    sub = kmeans.gather_subsample(local, np.array([1000, 1000]), kmeans.identity, np)
-    assert kmeans.mcl_cluster_counts(sub, 2, 1.65, 30, np).tolist() == [7, 60]
-    result = kmeans.cluster_tile(local, config(k_policy="mcl"), xp=np)
+    local, _ = make_local_tile(vectors, slots, rng.integers(0, 2**63, len(slots), dtype=np.uint64), 2, np)
+    sub = gather_subsample(local, np.array([1000, 1000]), ONE_PROCESS, np)
+    assert mcl_cluster_counts(sub, 2, 1.65, 30, np).tolist() == [7, 60]
+    result = cluster_tile(local, config(k_policy="mcl"), xp=np)
     assert result.mcl_clusters.tolist() == [7, 60]
-    assert result.valid.sum(axis=1).tolist() == [5, 6]
+    assert result.dense()[1].sum(axis=1).tolist() == [5, 6]
 
 
 def test_tokens_with_few_vectors_keep_their_distinct_vectors():
@@ -111,39 +124,41 @@ def test_tokens_with_few_vectors_keep_their_distinct_vectors():
     many = rng.normal(0, 1, (40, D)).astype(np.float32)
     vectors = np.stack([a, b, a, a, b, c] + list(many))
     slots = np.array([0, 0, 0, 1, 1, 1] + [2] * 40)  # 3 vectors (2 distinct), 3 distinct, 40
-    local, _ = kmeans.make_local_tile(vectors, slots, rng.integers(0, 2**63, len(slots), dtype=np.uint64), 3, np)
-    result = kmeans.cluster_tile(local, config(k=3), xp=np)
+    local, _ = make_local_tile(vectors, slots, rng.integers(0, 2**63, len(slots), dtype=np.uint64), 3, np)
+    result = cluster_tile(local, config(k=3), xp=np)
     assert result.kept_as_vectors.tolist() == [True, True, False]
-    assert result.valid.sum(axis=1).tolist() == [2, 3, 3]
-    np.testing.assert_array_equal(result.centres[0, :2], [a, b])  # most frequent first
-    assert result.counts[0, :2].tolist() == [2, 1] and result.counts[1].tolist() == [1, 1, 1]
-    assert {tuple(c) for c in result.centres[1]} == {tuple(a), tuple(b), tuple(c)}
+    centres, valid, counts = result.dense()
+    assert valid.sum(axis=1).tolist() == [2, 3, 3]
+    np.testing.assert_array_equal(centres[0, :2], [a, b])  # most frequent first
+    assert counts[0, :2].tolist() == [2, 1] and counts[1].tolist() == [1, 1, 1]
+    assert {tuple(c) for c in centres[1]} == {tuple(a), tuple(b), tuple(c)}
 
 
 def test_spherical_centres_are_unit(mixture):
     tokens, vectors, slots, priority, ks = mixture
-    local, _ = kmeans.make_local_tile(vectors * 7, slots, priority, len(tokens), np, spherical=True)
-    result = kmeans.cluster_tile(local, config(spherical=True, k=4), xp=np)
-    norms = np.linalg.norm(result.centres[result.valid], axis=1)
+    local, _ = make_local_tile(vectors * 7, slots, priority, len(tokens), np, spherical=True)
+    centres, valid, _ = cluster_tile(local, config(spherical=True, k=4), xp=np).dense()
+    norms = np.linalg.norm(centres[valid], axis=1)
     np.testing.assert_allclose(norms, 1, atol=1e-5)
 
 
 def test_lloyd_stats_of_halves_sum_to_the_whole(mixture):
     tokens, vectors, slots, priority, ks = mixture
     sub_cfg = config(k=5, max_iter=1)
-    whole, _ = kmeans.make_local_tile(vectors, slots, priority, len(tokens), np)
-    sub = kmeans.gather_subsample(whole, np.full(len(tokens), 300), kmeans.identity, np)
-    centres, valid = kmeans.kmeans_plusplus(sub, np.full(len(tokens), sub_cfg.k), np.random.default_rng(0), np)
+    whole, _ = make_local_tile(vectors, slots, priority, len(tokens), np)
+    sub = gather_subsample(whole, np.full(len(tokens), 300), ONE_PROCESS, np)
+    centres, valid = kmeans_plusplus(sub, np.full(len(tokens), sub_cfg.k), np.random.default_rng(0), np)
     halves = [np.arange(len(slots)) % 2 == r for r in (0, 1)]
-    parts = [kmeans.make_local_tile(vectors[h], slots[h], priority[h], len(tokens), np)[0] for h in halves]
-    stats = [kmeans.lloyd_stats(p, kmeans.plan_chunks(p.offsets, D, np), centres, valid, np) for p in [whole] + parts]
+    parts = [make_local_tile(vectors[h], slots[h], priority[h], len(tokens), np)[0] for h in halves]
+    stats = [lloyd_stats(p, plan_chunks(p.offsets, D, np), centres, valid, np) for p in [whole] + parts]
     np.testing.assert_allclose(stats[1] + stats[2], stats[0], rtol=1e-6, atol=1e-3)
 
 
 class ThreadRanks:
-    """Collectives between threads: a stand-in for MPI that runs in one process."""
+    """Collectives between threads: a stand-in for MPI that runs in one process; comm(rank) is a rank's Comm."""
 
     def __init__(self, n: int):
+        self.world = n
         self.barrier = threading.Barrier(n, timeout=60)
         self.inbox = [None] * n
 
@@ -154,34 +169,46 @@ class ThreadRanks:
         self.barrier.wait()
         return parts
 
-    def allreduce(self, rank):
-        return lambda array: functools.reduce(np.add, self.exchange(rank, array))
+    def comm(self, rank: int) -> "ThreadComm":
+        return ThreadComm(self, rank)
 
-    def allgather(self, rank):
-        return lambda array: np.concatenate(self.exchange(rank, array))
+
+class ThreadComm:
+    """One thread-rank's side of ThreadRanks, with the Comm interface of the k-means (rank, world, allreduce,
+    allgather)."""
+
+    def __init__(self, ranks: ThreadRanks, rank: int):
+        self.ranks, self.rank, self.world = ranks, rank, ranks.world
+
+    def allreduce(self, array):
+        return functools.reduce(np.add, self.ranks.exchange(self.rank, array))
+
+    def allgather(self, array):
+        return np.concatenate(self.ranks.exchange(self.rank, array))
 
 
 def test_two_ranks_equal_one(mixture):
     """Rows split unevenly over two thread-ranks give the single-process senses."""
     tokens, vectors, slots, priority, ks = mixture
     cfg = config(k=6, subsample=50, tol=1e-4)
-    single_local, _ = kmeans.make_local_tile(vectors, slots, priority, len(tokens), np)
-    single = kmeans.cluster_tile(single_local, cfg, xp=np, seed=3)
+    single_local, _ = make_local_tile(vectors, slots, priority, len(tokens), np)
+    single = cluster_tile(single_local, cfg, xp=np, seed=3)
+    single_centres, single_valid, single_counts = single.dense()
     owner = np.random.default_rng(5).random(len(slots)) < 0.3
     ranks = ThreadRanks(2)
 
     def run_rank(rank):
         mine = owner if rank == 0 else ~owner
-        local, _ = kmeans.make_local_tile(vectors[mine], slots[mine], priority[mine], len(tokens), np)
-        return kmeans.cluster_tile(local, cfg, ranks.allreduce(rank), ranks.allgather(rank), np, seed=3,
-                                   share=(rank, 2))
+        local, _ = make_local_tile(vectors[mine], slots[mine], priority[mine], len(tokens), np)
+        return cluster_tile(local, cfg, ranks.comm(rank), np, seed=3)
 
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(run_rank, [0, 1]))
     for result in results:
-        np.testing.assert_array_equal(result.valid, single.valid)
-        np.testing.assert_array_equal(result.counts, single.counts)
-        np.testing.assert_allclose(result.centres, single.centres, atol=1e-4)
+        centres, valid, counts = result.dense()
+        np.testing.assert_array_equal(valid, single_valid)
+        np.testing.assert_array_equal(counts, single_counts)
+        np.testing.assert_allclose(centres, single_centres, atol=1e-4)
         assert len(result.history) == len(single.history)
         assert result.inertia == pytest.approx(single.inertia, rel=1e-6)
 
@@ -189,16 +216,16 @@ def test_two_ranks_equal_one(mixture):
 def test_subsample_does_not_depend_on_the_split(mixture):
     tokens, vectors, slots, priority, ks = mixture
     cap = np.full(len(tokens), 40)
-    whole, _ = kmeans.make_local_tile(vectors, slots, priority, len(tokens), np)
-    expected = kmeans.gather_subsample(whole, cap, kmeans.identity, np)
+    whole, _ = make_local_tile(vectors, slots, priority, len(tokens), np)
+    expected = gather_subsample(whole, cap, ONE_PROCESS, np)
     assert (expected.counts == 40).all()
     owner = np.arange(len(slots)) % 3 == 0
     ranks = ThreadRanks(2)
 
     def run_rank(rank):
         mine = owner if rank == 0 else ~owner
-        local, _ = kmeans.make_local_tile(vectors[mine], slots[mine], priority[mine], len(tokens), np)
-        return kmeans.gather_subsample(local, cap, ranks.allgather(rank), np)
+        local, _ = make_local_tile(vectors[mine], slots[mine], priority[mine], len(tokens), np)
+        return gather_subsample(local, cap, ranks.comm(rank), np)
 
     with ThreadPoolExecutor(2) as pool:
         for sub in pool.map(run_rank, [0, 1]):
@@ -208,11 +235,11 @@ def test_subsample_does_not_depend_on_the_split(mixture):
 
 def test_empty_sense_is_reseeded_to_the_farthest_point():
     points = np.array([[[0.0, 0.0], [1.0, 0.0], [10.0, 0.0], [0.0, 0.0]]], dtype=np.float32)
-    sub = kmeans.Subsample(points, np.array([[True, True, True, False]]), np.array([3]))
+    sub = Subsample(points, np.array([[True, True, True, False]]), np.array([3]))
     centres = np.array([[[0.5, 0.0], [100.0, 100.0]]], dtype=np.float32)
     valid = np.array([[True, True]])
     empty = np.array([[False, True]])
-    moved, still_valid, count = kmeans.reseed_empty(sub, centres, valid, empty, np)
+    moved, still_valid, count = reseed_empty(sub, centres, valid, empty, np)
     assert count == 1 and still_valid.all()
     np.testing.assert_array_equal(moved[0, 1], [10.0, 0.0])
     np.testing.assert_array_equal(moved[0, 0], [0.5, 0.0])
@@ -220,34 +247,24 @@ def test_empty_sense_is_reseeded_to_the_farthest_point():
 
 def test_duplicate_points_give_fewer_senses_not_empty_ones():
     vectors = np.repeat(np.eye(D, dtype=np.float32)[:2], 20, axis=0)  # 40 vectors, 2 distinct
-    local, _ = kmeans.make_local_tile(vectors, np.zeros(40), np.arange(40, dtype=np.uint64), 1, np)
-    result = kmeans.cluster_tile(local, config(k=5), xp=np)
-    assert result.valid.sum() == 2 and result.counts[0, :2].tolist() == [20, 20]
+    local, _ = make_local_tile(vectors, np.zeros(40), np.arange(40, dtype=np.uint64), 1, np)
+    result = cluster_tile(local, config(k=5), xp=np)
+    _, valid, counts = result.dense()
+    assert valid.sum() == 2 and counts[0, :2].tolist() == [20, 20]
     assert result.inertia == 0
 
 
 def test_kmeans_plusplus_split_over_ranks_equals_one_rank(mixture):
     """Each of 3 ranks seeds every 3rd token; after the allgather all hold the one-rank start."""
-    import threading
-
     tokens, vectors, slots, priority, ks = mixture
-    whole, _ = kmeans.make_local_tile(vectors, slots, priority, len(tokens), np)
-    sub = kmeans.gather_subsample(whole, np.full(len(tokens), 300), kmeans.identity, np)
+    whole, _ = make_local_tile(vectors, slots, priority, len(tokens), np)
+    sub = gather_subsample(whole, np.full(len(tokens), 300), ONE_PROCESS, np)
     k = np.asarray(ks)
-    single = kmeans.kmeans_plusplus(sub, k, np.random.default_rng(7), np)
-    world, barrier, parts, results = 3, threading.Barrier(3), {}, {}
-
-    def allgather_for(rank):
-        def allgather(array):
-            parts[rank] = array
-            barrier.wait()
-            out = np.concatenate([parts[r] for r in range(world)])
-            barrier.wait()
-            return out
-        return allgather
+    single = kmeans_plusplus(sub, k, np.random.default_rng(7), np)
+    world, ranks, results = 3, ThreadRanks(3), {}
 
     def run(rank):
-        results[rank] = kmeans.kmeans_plusplus(sub, k, np.random.default_rng(7), np, (rank, world), allgather_for(rank))
+        results[rank] = kmeans_plusplus(sub, k, np.random.default_rng(7), np, ranks.comm(rank))
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
     for t in threads:
@@ -266,14 +283,16 @@ def test_share_tokens_packs_several_jobs_into_one_allgather():
                                  (np.arange(n) % 3 == 0)[index], np.arange(n, dtype=np.int64)[index] * 7)
 
     jobs = [job(7, 3), job(2, 5), job(0, 1), job(4, 1)]
-    expected = kmeans.share_tokens(jobs, (0, 1), kmeans.identity, np)
+    expected = share_tokens(jobs, ONE_PROCESS, np)
     ranks, calls = ThreadRanks(3), [0, 0, 0]
 
+    class Counting(ThreadComm):
+        def allgather(self, array):
+            calls[self.rank] += 1
+            return super().allgather(array)
+
     def run(rank):
-        def allgather(array):
-            calls[rank] += 1
-            return ranks.allgather(rank)(array)
-        return kmeans.share_tokens(jobs, (rank, 3), allgather, np)
+        return share_tokens(jobs, Counting(ranks, rank), np)
 
     with ThreadPoolExecutor(3) as pool:
         results = list(pool.map(run, range(3)))
@@ -307,7 +326,7 @@ def test_distinct_senses_counts_repeats_most_frequent_first_whatever_the_row_ord
     a, b, c = (np.full(D, v, dtype=np.float32) for v in (1.0, 2.0, 3.0))
     slots = np.array([0, 0, 0, 0, 1, 1, 1])
     points = np.stack([b, a, b, c, a, a, c])  # slot 0: b twice, a, c; slot 1: a twice, c
-    senses = kmeans.distinct_senses(slots, points)
+    senses = distinct_senses(slots, points)
     assert senses.slots.tolist() == [0, 0, 0, 1, 1]
     assert senses.counts.tolist() == [2, 1, 1, 2, 1]
     np.testing.assert_array_equal(senses.points[0], b)
@@ -315,22 +334,21 @@ def test_distinct_senses_counts_repeats_most_frequent_first_whatever_the_row_ord
     starts = np.array([0, 3])  # each row's sense is row_sense within its slot's senses
     np.testing.assert_array_equal(senses.points[starts[slots] + senses.row_sense], points)
     shuffled = np.random.default_rng(3).permutation(len(slots))
-    again = kmeans.distinct_senses(slots[shuffled], points[shuffled])
+    again = distinct_senses(slots[shuffled], points[shuffled])
     np.testing.assert_array_equal(again.points, senses.points)
     np.testing.assert_array_equal(again.counts, senses.counts)
-    np.testing.assert_array_equal(kmeans.senses_of_rows(senses, slots, points), senses.row_sense)
+    np.testing.assert_array_equal(senses_of_rows(senses, slots, points), senses.row_sense)
 
 
 def test_senses_of_rows_matches_rows_whose_hashes_collide(monkeypatch):
     """Every row hashing alike still finds its own vector (the exact comparison decides)."""
-    from dist_sense.kmeans import start as kmeans_start
     rng = np.random.default_rng(4)
     points = rng.normal(0, 1, (6, D)).astype(np.float32)
     slots = np.array([0, 0, 0, 1, 1, 1])
-    monkeypatch.setattr(kmeans_start, "row_hash", lambda rows: np.zeros(len(rows), dtype=np.uint64))
-    senses = kmeans.distinct_senses(slots, points)
+    monkeypatch.setattr(kmeans_distinct, "row_hash", lambda rows: np.zeros(len(rows), dtype=np.uint64))
+    senses = distinct_senses(slots, points)
     assert len(senses.points) == 6 and (senses.counts == 1).all()
-    found = kmeans.senses_of_rows(senses, slots, points)
+    found = senses_of_rows(senses, slots, points)
     starts = np.array([0, 3])
     np.testing.assert_array_equal(senses.points[starts[slots] + found], points)
 
@@ -344,13 +362,13 @@ def test_small_tokens_left_to_the_writer_give_the_same_senses():
     vectors = np.concatenate([few, many, few[:1]])
     slots = np.array([0, 0, 0] + [1] * 50 + [2])
     priority = rng.integers(0, 2**63, len(slots), dtype=np.uint64)
-    local, _ = kmeans.make_local_tile(vectors, slots, priority, 3, np)
-    kept = kmeans.cluster_tile(local, config(k=4), xp=np)
-    left = kmeans.cluster_tile(local, config(k=4), xp=np, keep_small=False)
+    local, _ = make_local_tile(vectors, slots, priority, 3, np)
+    kept = cluster_tile(local, config(k=4), xp=np)
+    left = cluster_tile(local, config(k=4), xp=np, keep_small=False)
     assert left.kept_as_vectors.tolist() == [True, False, True] and left.slots.tolist() == [1]
     assert (left.labels[local.slots != 1] == -1).all() and (left.labels[local.slots == 1] >= 0).all()
     small = local.slots != 1
-    finished = kmeans.with_distinct_senses(left, kmeans.distinct_senses(local.slots[small], local.vectors[small]))
+    finished = with_distinct_senses(left, distinct_senses(local.slots[small], local.vectors[small]))
     for field in ("slots", "offsets", "centroids", "sense_counts"):
         np.testing.assert_array_equal(getattr(finished, field), getattr(kept, field), err_msg=field)
     assert kept.sense_counts[:2].tolist() == [2, 1] and kept.senses_per_token.tolist() == [2, 4, 1]

@@ -1,25 +1,22 @@
-"""Lloyd iterations for one tile of tokens, every token at once (kmeans.cluster_tile's inner loop).
+"""Lloyd iterations for one tile of tokens, every token at once (tile.cluster_tile's inner loop).
 
 A rank's rows are grouped by token into padded chunks of tokens with similar row counts,
 so assigning them is one batched GEMM per chunk (||x||^2 - 2 x.c + ||c||^2 with a
 per-token sense mask); the per-sense sums, counts and inertia of an iteration go out in
 one allreduce, and every rank then updates the centres identically. Arrays live on `xp`
-(cupy or numpy); collectives are passed in, on host numpy arrays.
+(cupy or numpy); the collectives (types.Comm) run on host numpy arrays.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from dist_sense.kmeans.start import Subsample, reseed_empty, size_classes
+from dist_sense.kmeans.groups import size_classes
+from dist_sense.kmeans.start import reseed_empty
+from dist_sense.kmeans.types import Centres, LocalTile, TileRun
 from dist_sense.runtime.backend import to_device, to_host
 
-if TYPE_CHECKING:
-    from dist_sense.kmeans.tile import LocalTile
-
-Collective = Callable[[np.ndarray], np.ndarray]
 CHUNK_ELEMENTS = 1 << 25
 """Floats in one padded chunk of gathered vectors (bounds the assignment's temporaries)."""
 PAD_RATIO = 2 ** 0.5
@@ -44,14 +41,13 @@ class Chunk:
     """xp float32 [t, n]: their squared norms."""
 
 
-def plan_chunks(offsets: np.ndarray, d: int, xp, budget: int | None = None, tokens=None) -> list[Chunk]:
-    """Group tokens by row count (power-of-two classes) into chunks of at most `budget` floats.
+def plan_chunks(offsets: np.ndarray, d: int, xp, tokens=None) -> list[Chunk]:
+    """Group tokens by row count (size classes) into chunks of at most CHUNK_ELEMENTS floats.
 
-    Within a class counts differ by under 2x, so padding costs less than half of each
+    Within a class counts differ by under PAD_RATIO, so padding costs under 30% of each
     chunk; the loop runs over classes and chunks, never over single tokens. With `tokens`
     (slots), only those, and centre arrays are indexed by position in `tokens`.
     """
-    budget = budget or CHUNK_ELEMENTS
     counts = np.diff(offsets)
     index_of = np.arange(len(counts))
     if tokens is not None:
@@ -62,7 +58,7 @@ def plan_chunks(offsets: np.ndarray, d: int, xp, budget: int | None = None, toke
     for group in size_classes(counts[present], PAD_RATIO):
         members = present[group]
         width = int(counts[members].max())
-        per_chunk = max(1, budget // (width * d))
+        per_chunk = max(1, CHUNK_ELEMENTS // (width * d))
         column = np.arange(width)
         for start in range(0, len(members), per_chunk):
             slots = members[start : start + per_chunk]
@@ -144,56 +140,45 @@ def update_centres(sums, counts, centres, valid, spherical: bool, xp):
     return mean, valid & (counts == 0)
 
 
-def run_lloyd(local, chunks, sub, centres, valid, allreduce: Collective, xp, cfg, on_iteration=None, token_slots=None):
-    """Lloyd iterations with one allreduce each, each token stopping on its own.
+def run_lloyd(run: TileRun, chunks: list[Chunk], centres: Centres, groups: list) -> list[dict]:
+    """Lloyd iterations with one allreduce each, each token stopping on its own; returns the history.
 
     A token stops when its centres moved, in total squared distance, by no more than
     cfg.tol times its mean squared distance per dimension (scikit-learn's rule, per token),
     or when the tile's inertia changed by no more than cfg.tol; then it leaves the
     iterations (its rows are no longer read nor reduced). Decisions use allreduced values
     only, so every rank takes the same ones. `chunks` must be planned for the centres' rows
-    in order (plan_chunks(..., tokens=...)); `sub` is the Subsample of those tokens, or a
-    list of (Subsample or GroupSubsample, first, end) covering consecutive rows of `centres` (one per size
-    group), used to re-seed empty senses. `token_slots`: the tile slot of each centre row
-    (default: row i is slot i).
+    in order (plan_chunks(..., tokens=centres.slots)); `groups` are (Subsample or
+    GroupSubsample, first, end), covering consecutive rows of `centres` (one per size
+    group), to re-seed empty senses from. `centres` is updated in place.
     """
-    groups = [(sub, 0, centres.shape[0])] if isinstance(sub, Subsample) else sub
-    n_tokens, k_max, d = centres.shape
-    slot_of = np.arange(n_tokens) if token_slots is None else np.asarray(token_slots)
+    local, cfg, xp = run.local, run.cfg, run.xp
+    points, valid = centres.points, centres.valid
+    n_tokens, k_max, d = points.shape
     # `planned`: the centre rows the chunks cover; `active`: those still moving. Chunks are
     # re-planned (their rows gathered again) only once half the planned tokens have stopped.
     planned = active = np.arange(n_tokens)
     token_inertia = np.zeros(n_tokens)
     history, previous = [], None
     for iteration in range(cfg.max_iter):
-        packed = to_device(allreduce(lloyd_stats(local, chunks, centres[to_device(planned, xp)],
-                                                 valid[to_device(planned, xp)], xp)), xp)
+        packed = to_device(run.comm.allreduce(lloyd_stats(local, chunks, points[to_device(planned, xp)],
+                                                          valid[to_device(planned, xp)], xp)), xp)
         sums, counts, inertia = unpack_stats(packed, len(planned), k_max, d)
         token_inertia[planned] = to_host(inertia)
         moving = to_device(np.flatnonzero(np.isin(planned, active)), xp)
         sums, counts, inertia = sums[moving], counts[moving], inertia[moving]
         at = to_device(active, xp)
-        current = centres[at]
+        current = points[at]
         updated, empty = update_centres(sums, counts, current, valid[at], cfg.spherical, xp)
-        reseeded = 0
-        for group, first, end in groups:
-            rows = np.flatnonzero((active >= first) & (active < end))
-            if len(rows) == 0 or not bool(empty[to_device(rows, xp)].any()):
-                continue  # nothing to re-seed: spare the copy of the group's subsample
-            part = group[active[rows] - first]
-            rows_dev = to_device(rows, xp)
-            moved, still_valid, count = reseed_empty(part, updated[rows_dev], valid[at][rows_dev], empty[rows_dev], xp)
-            updated[rows_dev] = moved
-            valid[at[rows_dev]] = still_valid
-            reseeded += count
+        reseeded = _reseed(groups, active, updated, valid, empty, xp)
         current -= updated  # now the move, in place: no further [A, K, d] temporaries
         moved_by = xp.einsum("tkd,tkd->t", current, current, dtype=xp.float64)
-        centres[at] = updated
+        points[at] = updated
         total = float(token_inertia.sum())
         history.append({"iteration": iteration, "inertia": total, "shift": float(moved_by.sum()), "reseeded": reseeded,
                         "active_tokens": int(len(active))})
-        if on_iteration is not None:
-            on_iteration(history[-1])
+        if run.on_iteration is not None:
+            run.on_iteration(history[-1])
         per_dim = to_host(inertia) / np.maximum(to_host(counts.sum(axis=1)) * d, 1)
         still = (to_host(moved_by) > cfg.tol * per_dim) & (to_host(moved_by) > 0)
         if not still.any() or (previous is not None and abs(previous - total) <= cfg.tol * previous):
@@ -202,25 +187,43 @@ def run_lloyd(local, chunks, sub, centres, valid, allreduce: Collective, xp, cfg
         active = active[still]
         if len(active) <= len(planned) // 2:
             planned = active
-            chunks = plan_chunks(local.offsets, d, xp, tokens=slot_of[planned])
-    return centres, valid, history
+            chunks = plan_chunks(local.offsets, d, xp, tokens=centres.slots[planned])
+    return history
 
 
-def final_assignment(local, chunks, centres, valid, allreduce: Collective, xp, token_slots=None):
+def _reseed(groups: list, active: np.ndarray, updated, valid, empty, xp) -> int:
+    """Re-seed the empty senses of the `active` centre rows (updated, empty: one row each) group by group.
+
+    Moves `updated` rows and drops senses from `valid` (all centre rows) in place; returns
+    how many senses moved."""
+    at, reseeded = to_device(active, xp), 0
+    for group, first, end in groups:
+        rows = np.flatnonzero((active >= first) & (active < end))
+        if len(rows) == 0 or not bool(empty[to_device(rows, xp)].any()):
+            continue  # nothing to re-seed: spare the copy of the group's subsample
+        part = group[active[rows] - first]
+        rows_dev = to_device(rows, xp)
+        moved, still_valid, count = reseed_empty(part, updated[rows_dev], valid[at][rows_dev], empty[rows_dev], xp)
+        updated[rows_dev] = moved
+        valid[at[rows_dev]] = still_valid
+        reseeded += count
+    return reseeded
+
+
+def final_assignment(run: TileRun, chunks: list[Chunk], centres: Centres):
     """Labels and distances of the local rows under the final centres; global counts [B, K] and inertia.
 
-    centres/valid are per centre row, row i for tile slot token_slots[i] (default: slot i),
-    as `chunks` were planned; rows of other tokens get label -1.
+    `chunks` are planned for the centres' rows, as run_lloyd's; rows of other tokens get label -1.
     """
-    n_rows, k_max = valid.shape
-    slots = np.arange(n_rows) if token_slots is None else np.asarray(token_slots)
-    labels, distances = assign_senses(local, chunks, centres, valid, xp)
+    local, xp = run.local, run.xp
+    n_rows, k_max = centres.valid.shape
+    labels, distances = assign_senses(local, chunks, centres.points, centres.valid, xp)
     position = np.full(local.n_tokens, -1, dtype=np.int64)
-    position[slots] = np.arange(n_rows)
+    position[centres.slots] = np.arange(n_rows)
     host_labels = to_host(labels)
     labelled = host_labels >= 0
     flat = position[local.slots[labelled]] * k_max + host_labels[labelled]
     local_counts = np.bincount(flat, minlength=n_rows * k_max).astype(np.float64)
-    packed = allreduce(np.concatenate([local_counts, [float(distances.sum(dtype=xp.float64))]]))
+    packed = run.comm.allreduce(np.concatenate([local_counts, [float(distances.sum(dtype=xp.float64))]]))
     counts = np.rint(packed[:-1]).astype(np.int64).reshape(n_rows, k_max)
     return labels, distances, counts, float(packed[-1])

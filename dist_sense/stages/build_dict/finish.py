@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dist_sense import kmeans
 from dist_sense.formats.dictionary import SenseDictionary, shard_entry
-from dist_sense.kmeans import tile as kmeans
 from dist_sense.runtime import backend
 from dist_sense.stages.build_dict.plan import tile_signature
 

@@ -22,7 +22,7 @@ BLOCK_BYTES = 8 << 20
 """Held rows are merged into blocks of about this much, indexed by tile when reading ends."""
 
 if TYPE_CHECKING:
-    from dist_sense.stages.build_dict.stage import TilePlan
+    from dist_sense.stages.build_dict.plan import TilePlan
 
 CONTEXT_CHARS = 160
 """Characters of window text kept on each side of an example occurrence."""

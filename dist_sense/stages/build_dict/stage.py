@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dist_sense import kmeans
 from dist_sense.comm import LocalComm, SharedCounter, get_logger, open_comm
 from dist_sense.formats.dictionary import shard_entry, write_index
-from dist_sense.kmeans import tile as kmeans
 from dist_sense.runtime import backend
 from dist_sense.runtime.faults import crash_point
 from dist_sense.stages.build_dict.finish import FinishedTile, TileFinisher, finished_tile
@@ -106,8 +106,7 @@ def build_tile(tile: int, plan: TilePlan, spill: TileSpill, comm: LocalComm, kcf
                                           xp, kcfg.spherical)
     del rows
     # Tokens with no more vectors than k are left to the tile's writer (tile_finish), not gathered everywhere.
-    result = kmeans.cluster_tile(local, kcfg, comm.allreduce, comm.allgather, xp, seed=tile,
-                                 on_iteration=metrics.iteration, share=(comm.rank, comm.world), keep_small=False)
+    result = kmeans.cluster_tile(local, kcfg, comm, xp, seed=tile, on_iteration=metrics.iteration, keep_small=False)
     done = finished_tile(tile, tokens, local, result, meta[order], comm.rank, kcfg.examples_per_sense, xp)
     seconds = time.perf_counter() - started
     metrics.tile(tile, result, seconds, (comm.allreduce_seconds - reduce_before) / max(seconds, 1e-9))
