@@ -10,10 +10,12 @@ import time
 import torch.utils.tensorboard  # noqa: F401  (see the docstring)
 
 from dist_sense.comm import open_comm
+from dist_sense.runtime.process import retain_freed_memory
 from dist_sense.config import RunConfig
 from dist_sense.stages.build_dict import stage as build_dict
 
 cfg = RunConfig.load(None, sys.argv[1:])
+retain_freed_memory()  # as the build_dict entry (cli.run_stage) sets it
 comm = open_comm()
 comm.barrier()
 start = time.perf_counter()

@@ -11,7 +11,10 @@ sets it), for all three alike.
 
 k-means implementation notes: a tile's senses are kept in CSR layout (dist_sense.kmeans.types.TileResult),
 not as a dense [T, K, d] block per tile: on the demo corpus the dense block held 5x the senses, since most
-tokens of a vocabulary have fewer vectors than k, and moving it would cost every rank alike.
+tokens of a vocabulary have fewer vectors than k, and moving it would cost every rank alike. Keeping
+freed memory (runtime.process.retain_freed_memory) matters because the tile loop allocates the same large
+arrays tile after tile: with glibc's defaults each is mapped afresh and pays a page fault per 4 KiB, which
+was about a third of the k-means time on this 2-core VM.
 """
 from __future__ import annotations
 
