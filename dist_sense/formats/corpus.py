@@ -41,6 +41,7 @@ def load_documents(path: str, text_field: str = "text", max_documents: int = 0) 
     `path` is a .txt file (each non-blank line is a document), a .jsonl/.json, .csv or
     .parquet file, a directory of such files (one format, read in name order), or a
     `save_to_disk` directory (a DatasetDict gives its "train" split, or its only one).
+    A corpus with no documents, a non-string document, or only blank documents is refused.
     """
     root = Path(path)
     if not str(path) or not root.exists():
@@ -61,6 +62,7 @@ def load_documents(path: str, text_field: str = "text", max_documents: int = 0) 
     if len(dataset) == 0:
         raise CorpusError(f"{root}: no documents found: the corpus is empty")
     _check_all_strings(dataset, text_field, root)
+    _check_some_text(dataset, text_field, root, max_documents)
     return dataset
 
 
@@ -171,6 +173,16 @@ def _check_all_strings(dataset, text_field: str, root: Path) -> None:
             raise CorpusError(f"{root}: field {text_field!r} in row {begin + bad} is {type(value).__name__} "
                               f"{str(value)[:60]!r}, not text: every document must be a string")
         begin += len(values)
+
+
+def _check_some_text(dataset, text_field: str, root: Path, max_documents: int) -> None:
+    """Some document must hold more than whitespace: else every stage runs on nothing, to fail far later."""
+    for batch in dataset.with_format(None).iter(batch_size=READ_BATCH):
+        if any(text.strip() for text in batch["text"]):
+            return
+    cut = f" (only the first max_documents={max_documents} are read)" if len(dataset) == max_documents else ""
+    raise CorpusError(f"{root}: field {text_field!r} is blank or whitespace in all {len(dataset)} documents{cut}: "
+                      f"the corpus has no text to work on")
 
 
 # ----------------------------------------------------------------------------- ranks

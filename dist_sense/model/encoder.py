@@ -73,6 +73,26 @@ class SnapTable:
         return sense, embedded
 
 
+def _text_list(texts) -> list[str]:
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(f"texts: got one {type(texts).__name__} ({texts[:40]!r}), not a list of texts: "
+                        f"pass a list, e.g. encode([text])")
+    texts = list(texts)
+    bad = next((i for i, text in enumerate(texts) if not isinstance(text, str)), None)
+    if bad is not None:
+        raise TypeError(f"texts[{bad}] is {type(texts[bad]).__name__} {str(texts[bad])[:40]!r}, not str: "
+                        f"every text must be a string")
+    return texts
+
+
+def _positions(model) -> int | None:
+    """The most ids one input may hold in `model` (an HF model or a Student); None if unknown."""
+    from dist_sense.model.teacher import position_limit
+
+    config = getattr(model, "config", None) or getattr(getattr(model, "backbone", None), "config", None)
+    return position_limit(config) if config is not None else None
+
+
 class SenseEncoder:
     """A teacher or distilled student plus the run's sense dictionary."""
 
@@ -81,7 +101,7 @@ class SenseEncoder:
         self.model, self.tokenizer, self.dictionary, self._forward = model, tokenizer, dictionary, forward
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.table = SnapTable(dictionary, similarity, self.device)
-        self.max_length = max_length
+        self.max_length = min(max_length, _positions(model) or max_length)
 
     @classmethod
     def load(cls, run_dir, model: str = "student", similarity: str | None = None, device=None,
@@ -117,10 +137,12 @@ class SenseEncoder:
     def encode(self, texts: list[str], batch_size: int = 32, return_tensors: str = "np") -> list[EncodedText]:
         """Encode `texts` in batches; one EncodedText per text, in order (longer texts are cut at max_length).
 
-        Batches are formed from texts of similar length (longest first), so little of each
-        forward is spent on padding; results come back in the order of `texts`.
+        `texts` is a list (or any iterable) of strings; a single string is a TypeError rather
+        than a batch of its characters: pass [text]. An item that is not a string is a
+        TypeError naming its index. Batches are formed from texts of similar length (longest
+        first), so little of each forward is spent on padding; results come back in the order of `texts`.
         """
-        texts = list(texts)
+        texts = _text_list(texts)
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         out: list[EncodedText | None] = [None] * len(texts)
         for start in range(0, len(order), batch_size):

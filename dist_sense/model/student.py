@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dist_sense.config import ConfigError, RunConfig
-from dist_sense.model.teacher import TeacherError, resolve_model_path
+from dist_sense.model.teacher import TeacherError, check_max_length, resolve_model_path
 
 STUDENT_FORMAT = "dist_sense.student"
 STUDENT_VERSION = 1
@@ -51,10 +51,17 @@ class Student(nn.Module):
 
 
 def build_student(cfg: RunConfig, teacher_d: int) -> Student:
-    """The student of cfg.distill, mapping to `teacher_d` (the dictionary's width)."""
+    """The student of cfg.distill, mapping to `teacher_d` (the dictionary's width).
+
+    Refused when corpus.max_length (the labelled windows' length) is beyond its positions.
+    """
     if cfg.distill.init == "truncate":
-        return _truncated_teacher(cfg, teacher_d)
-    return _separate_model(cfg.distill.student_model, teacher_d)
+        student = _truncated_teacher(cfg, teacher_d)
+    else:
+        student = _separate_model(cfg.distill.student_model, teacher_d)
+    check_max_length(cfg.corpus.max_length, student.backbone.config, f"student {student.info.get('source')}",
+                     StudentError)
+    return student
 
 
 def _truncated_teacher(cfg: RunConfig, teacher_d: int) -> Student:

@@ -46,6 +46,54 @@ def resolve_model_path(spec: str) -> Path:
     return path
 
 
+# Model types whose learned positions are numbered from pad_token_id + 1 (RoBERTa's family):
+# their max_position_embeddings counts the positions below that too.
+OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "ibert",
+                              "longformer", "luke", "mpnet", "roberta-prelayernorm", "xmod"})
+
+
+def _text_config(hf_config):
+    return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+
+
+def position_limit(hf_config) -> int | None:
+    """The most ids (special tokens included) one input may hold: the learned positions, or the
+    trained context of a rotary model (max_position_embeddings either way); None if the config has none."""
+    config = _text_config(hf_config)
+    positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or positions <= 0:
+        return None
+    if getattr(config, "model_type", "") in OFFSET_POSITIONS:
+        pad = getattr(config, "pad_token_id", None)
+        positions -= (1 if pad is None else int(pad)) + 1
+    return positions
+
+
+def tokenizer_ids(tokenizer) -> int:
+    """How many ids the tokenizer can produce: one past its highest id, added tokens included."""
+    return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+
+
+def check_fits(hf_config, tokenizer, model_path, tokenizer_path, max_length: int = 0) -> None:
+    """Refuse a tokenizer whose ids run past the model's embedding table (a larger, padded table is
+    fine) and windows of `max_length` (corpus.max_length; 0: not checked) longer than its positions."""
+    rows = getattr(_text_config(hf_config), "vocab_size", None)
+    ids = tokenizer_ids(tokenizer)
+    if isinstance(rows, int) and ids > rows:
+        raise TeacherError(f"tokenizer {tokenizer_path} has {ids} ids (len(tokenizer)={len(tokenizer)}, added tokens "
+                           f"included) but model {model_path} embeds only vocab_size={rows}: ids up to {ids - 1} "
+                           f"would index past its embedding table; use the model's own tokenizer (model.tokenizer)")
+    check_max_length(max_length, hf_config, f"model {model_path}")
+
+
+def check_max_length(max_length: int, hf_config, what: str, error: type[ConfigError] = ConfigError) -> None:
+    """Refuse corpus.max_length beyond the positions of `what` (the model of `hf_config`)."""
+    limit = position_limit(hf_config)
+    if max_length and limit is not None and max_length > limit:
+        raise error(f"corpus.max_length={max_length} is beyond the {limit} positions of {what} "
+                    f"(max_position_embeddings): set corpus.max_length to at most {limit}")
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
@@ -94,7 +142,8 @@ class Teacher:
     """A frozen HF model, partitioned with ZeRO-3 or replicated; `hidden(ids, mask)` returns the configured layer."""
 
     def __init__(self, cfg: ModelConfig, ds_config: str, micro_batch: int, offload: str = "none", nvme_path: str = "",
-                 partition: str = "auto"):
+                 partition: str = "auto", max_length: int = 0):
+        """max_length: corpus.max_length, refused when beyond the model's positions (0: not checked)."""
         from transformers import AutoConfig, AutoModel
 
         self.path = resolve_model_path(cfg.teacher)
@@ -103,6 +152,8 @@ class Teacher:
             hf_config = AutoConfig.from_pretrained(self.path)
         except Exception as err:
             raise TeacherError(f"model.teacher={cfg.teacher}: config does not load: {err}") from None
+        # Before the weights: every rank refuses at the same point, with nothing loaded in vain.
+        check_fits(hf_config, self.tokenizer, self.path, resolve_model_path(cfg.tokenizer or cfg.teacher), max_length)
         self.n_layers = int(getattr(hf_config, "num_hidden_layers", 0))
         self.layer = normalise_layer(cfg.layer, self.n_layers)
         self.d = int(hf_config.hidden_size)

@@ -127,7 +127,7 @@ def run(cfg: RunConfig) -> Path:
     corpus_path = cfg.corpus.path
     dataset = corpus.load_documents(corpus_path, cfg.corpus.text_field, cfg.corpus.max_documents)
     teacher = Teacher(cfg.model, cfg.extract.ds_config, cfg.extract.batch_size, cfg.extract.offload, cfg.extract.nvme_path,
-                      cfg.extract.partition)
+                      cfg.extract.partition, max_length=cfg.corpus.max_length)
     settings = extract_settings(cfg, teacher, corpus_path)
     if env.is_main:
         cfg.save()

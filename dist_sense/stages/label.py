@@ -99,12 +99,12 @@ def run(cfg: RunConfig) -> Path:
     """Label the distillation corpus into RUN/labels/ and return that directory."""
     env = comm.init_torch()
     out_dir, dict_dir = cfg.run_path / "labels", cfg.run_path / "dictionary"
-    dictionary = SenseDictionary.load(dict_dir)
-    dictionary_fp = file_fingerprint([dict_dir / "index.json"])
     corpus_path = cfg.label.corpus_path or cfg.corpus.path
     dataset = corpus.load_documents(corpus_path, cfg.corpus.text_field, cfg.corpus.max_documents)
+    dictionary = SenseDictionary.load(dict_dir)
+    dictionary_fp = file_fingerprint([dict_dir / "index.json"])
     teacher = Teacher(cfg.model, cfg.extract.ds_config, cfg.label.batch_size, cfg.extract.offload, cfg.extract.nvme_path,
-                      cfg.extract.partition)
+                      cfg.extract.partition, max_length=cfg.corpus.max_length)
     check_teacher_matches(dictionary, teacher)
     settings = label_settings(cfg, teacher, corpus_path, dictionary_fp)
     if env.is_main:

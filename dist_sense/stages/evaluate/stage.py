@@ -250,8 +250,8 @@ def run(cfg: RunConfig) -> Path:
         log.warning("eval.similarity=%s but the student was trained on %s labels (%s): agreement and "
                     "student_senses measure a rule it was not trained for", cfg.eval.similarity, trained_for,
                     labels_manifest)
+    texts, source, is_training = held_out_texts(cfg, tokenizer)  # before the models: a bad corpus fails at once
     encoders = open_encoders(cfg, tokenizer, dictionary, device, notes)
-    texts, source, is_training = held_out_texts(cfg, tokenizer)
     if is_training:
         log.warning("held-out text %s is a training corpus (set eval.corpus_path to unseen text)", source)
     metrics, notes["held_out"] = held_out_metrics(texts, encoders, dictionary, cfg)
