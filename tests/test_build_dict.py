@@ -1,4 +1,5 @@
-"""build_dict end to end on a fabricated RUN/hidden/: output, resume, bad input, 1/2/4 MPI ranks, the Slurm script."""
+"""build_dict end to end on a fabricated RUN/hidden/: output, resume, bad input, 1/2/4 MPI ranks, byte-identical
+builds on any rank count, a failing MPI job (its report, its /dev/shm), the Slurm script."""
 import json
 import os
 import shutil
@@ -17,6 +18,8 @@ from dist_sense.stages.build_dict.plan import plan_tiles, read_hidden_manifest
 
 N_TOKENS, FIRST_TOKEN, VOCAB, D = 20, 5, 40, 8
 RARE_TOKEN, FEW_TOKEN = 30, 31  # under min_count; fewer vectors than k
+SHM_RECORDER = testing.REPO_ROOT / "tests" / "scripts" / "build_dict_shm_record.py"
+"""launcher/build_dict.py behind a note of each rank's /dev/shm files (see recorded_shm)."""
 
 
 @pytest.fixture(autouse=True)
@@ -267,8 +270,13 @@ def test_killed_rank_then_rerun_gives_byte_identical_dictionary(tmp_path):
         if name == "crashed":
             # Tiles written as they finish (no held batch), so some are on disk at the kill; the
             # rerun and the whole run hold them in one batch: the files must not differ.
-            proc = testing.run_mpirun(script, [*args, "memory.held_results_mb=0"], nproc=2, timeout=120, check=False,
-                                      env={"DIST_SENSE_CRASH": "build_dict.tile:2:1"})
+            record = run_dir / "shm-record"
+            record.mkdir()
+            env = {"DIST_SENSE_CRASH": "build_dict.tile:2:1", "SHM_RECORD": str(record)}
+            proc = testing.run_mpirun(SHM_RECORDER, [*args, "memory.held_results_mb=0"], nproc=2, timeout=120,
+                                      check=False, env=env)
+            for leftover in recorded_shm(record):  # no rank of a killed job lives to remove its MPICH segment
+                leftover.unlink(missing_ok=True)
             assert proc.returncode != 0 and not (run_dir / "dictionary" / "index.json").exists()
             assert list((run_dir / "dictionary").glob("senses-*.safetensors")), "no tile finished before the kill"
         testing.run_mpirun(script, args, nproc=2, timeout=120)
@@ -357,3 +365,140 @@ def test_tile_rows_are_the_same_spilled_or_held_in_memory(tmp_path, monkeypatch,
     for (rows_a, meta_a), (rows_b, meta_b) in zip(held, spilled):
         np.testing.assert_array_equal(rows_a, rows_b)
         np.testing.assert_array_equal(meta_a, meta_b)
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+def test_examples_do_not_depend_on_the_order_candidates_arrive_in():
+    """Equal distances (and equal priorities) are ranked by priority, then identity: never by rank or arrival."""
+    from dist_sense.stages.build_dict.finish import CANDIDATE, EXAMPLE_ORDER, pick_examples
+
+    rng = np.random.default_rng(0)
+    offered = np.zeros(60, CANDIDATE)
+    offered["tile"], offered["slot"], offered["label"] = 3, np.arange(60) % 2, np.arange(60) // 2 % 3
+    offered["distance"] = np.float32(0.25)  # every candidate ties on distance
+    offered["priority"] = rng.integers(0, 3, 60)  # and many on priority too
+    offered["origin"] = (rng.integers(0, 2, 60) << 32) | rng.integers(0, 4, 60)
+    offered["occurrence"] = np.arange(60)  # identities differ
+    offered["rank"], offered["sample"] = rng.integers(0, 4, 60), np.arange(60)  # where it came from: not a key
+    key = [tuple(record[name].item() for name in EXAMPLE_ORDER) for record in offered]
+    expected = []
+    for group in sorted({k[:3] for k in key}):
+        expected += sorted((k for k in key if k[:3] == group))[:2]
+    for _ in range(5):
+        arrived = offered[rng.permutation(60)]
+        picked = pick_examples(arrived, 2)
+        assert [tuple(record[name].item() for name in EXAMPLE_ORDER) for record in picked] == expected
+        assert picked.tobytes() == pick_examples(offered, 2).tobytes()  # the same records, rank fields and all
+
+
+def test_each_rank_offers_its_nearest_rows_by_the_same_ranking():
+    """A rank's own preselection breaks ties like the final pick: distance, priority, then the given identities."""
+    from types import SimpleNamespace
+
+    from dist_sense import kmeans
+
+    slots = np.zeros(6, np.int64)
+    local = SimpleNamespace(slots=slots, priority=np.array([5, 5, 5, 5, 1, 9], np.uint64))
+    result = SimpleNamespace(labels=np.zeros(6, np.int64), distances=np.array([1, 1, 1, 1, 2, 1], np.float32))
+    origin, occurrence = np.array([7, 3, 3, 2, 0, 0]), np.array([0, 4, 1, 9, 0, 0])
+    picked = kmeans.nearest_rows_per_sense(local, result, 3, ties=(origin, occurrence))
+    assert picked.tolist() == [3, 2, 1]  # distance 1 and priority 5, by (origin, occurrence)
+
+
+@pytest.mark.slow
+def test_clean_builds_on_one_and_two_ranks_are_byte_identical(tmp_path):
+    """Two clean 2-rank builds (which share the reading as their claims fall) and a 1-rank build of one hidden/
+    write the same bytes in every file of dictionary/: shards, example contexts, index.json."""
+    hidden_dir = make_hidden_dir(tmp_path / "source", samples=30)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(make_config(tmp_path).to_dict()))
+    run_dir = tmp_path / "run"  # every build in the same place: index.json names the hidden manifest's path
+    builds = []
+    for nproc in (2, 1, 2):
+        run_dir.mkdir()
+        (run_dir / "hidden").symlink_to(hidden_dir)
+        if nproc == 1:
+            build_dict.run(RunConfig.load(config, [f"run_dir={run_dir}"]))
+        else:
+            testing.run_mpirun(testing.REPO_ROOT / "launcher" / "build_dict.py",
+                               ["--config", config, f"run_dir={run_dir}"], nproc=nproc, timeout=120)
+        builds.append(run_dir.rename(tmp_path / f"build-{len(builds)}") / "dictionary")
+    files = sorted(p.name for p in builds[0].iterdir())
+    assert "index.json" in files and len([name for name in files if name.endswith(".examples.json")]) == 3
+    for other in builds[1:]:
+        assert sorted(p.name for p in other.iterdir()) == files
+        for name in files:
+            assert (other / name).read_bytes() == (builds[0] / name).read_bytes(), f"{other.parent.name}: {name}"
+
+
+# ----------------------------------------------------------------------------- a failing MPI job
+
+
+def test_only_the_mpich_files_this_process_maps_are_removed(tmp_path, monkeypatch):
+    import mmap
+
+    from dist_sense.comm import mpi
+
+    monkeypatch.setattr(mpi, "SHM_DIR", tmp_path)  # never /dev/shm itself: other jobs' files live there
+    mine, unmapped, foreign = tmp_path / "mpich_shm_1a2b_0", tmp_path / "mpich_shm_3c4d_0", tmp_path / "other_0"
+    for path in (mine, unmapped, foreign):
+        path.write_bytes(bytes(4096))
+    with open(mine, "r+b") as f, mmap.mmap(f.fileno(), 4096) as _, open(foreign, "r+b") as g, \
+            mmap.mmap(g.fileno(), 4096) as _:
+        assert mpi.own_mpich_shm() == [mine]
+        assert mpi.remove_own_mpich_shm() == [mine]
+        assert mpi.own_mpich_shm() == []  # the mapping stays, its name is gone
+    assert not mine.exists() and unmapped.exists() and foreign.exists()
+
+
+def recorded_shm(record: Path) -> set[Path]:
+    """The /dev/shm files the ranks of a SHM_RECORDER job had mapped (their own job's, whatever else runs)."""
+    return {Path(line) for f in record.glob("rank-*.txt") for line in f.read_text().split()}
+
+
+def run_failing_job(run_dir: Path, env: dict, args=()):
+    """launcher/build_dict.py on 2 MPI ranks that fails: (process, seconds, the job's MPICH files in /dev/shm)."""
+    import time
+
+    record = run_dir / "shm-record"
+    record.mkdir()
+    started = time.monotonic()
+    proc = testing.run_mpirun(SHM_RECORDER, [*args, f"run_dir={run_dir}"], nproc=2, timeout=90, check=False,
+                              env={"SHM_RECORD": str(record), **env})
+    job_files = recorded_shm(record)
+    assert len(list(record.glob("rank-*.txt"))) == 2 and any(p.name.startswith("mpich_shm_") for p in job_files)
+    return proc, time.monotonic() - started, job_files
+
+
+@pytest.mark.slow
+def test_mpi_bug_keeps_its_traceback_and_leaves_no_shared_memory(tmp_path):
+    """A bug on rank 1 (planted after its first tile) ends the job at once, with its traceback, and the abort
+    removes the job's MPICH segment from /dev/shm (an aborted MPICH job leaves it otherwise)."""
+    make_hidden_dir(tmp_path)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(make_config(tmp_path).to_dict()))
+    proc, seconds, job_files = run_failing_job(tmp_path, {"DIST_SENSE_BUG": "build_dict.tile:1:1"},
+                                               ["--config", config])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode not in (0, 2) and seconds < 60, out[-3000:]
+    assert "error [rank 1]: a bug, not an input error" in out and out.count("Traceback (most recent call last)") == 1
+    assert "PlantedBug: planted bug at build_dict.tile" in out
+    assert not [p for p in job_files if p.exists()]
+    assert not (tmp_path / "dictionary" / "index.json").exists()
+
+
+@pytest.mark.slow
+def test_mpi_input_error_is_one_line_with_exit_code_2_and_leaves_no_shared_memory(tmp_path):
+    import re
+
+    hidden_dir = make_hidden_dir(tmp_path)
+    victim = sorted(hidden_dir.glob("hidden-*.tar"))[1]
+    victim.write_bytes(victim.read_bytes()[:1000])
+    proc, seconds, job_files = run_failing_job(tmp_path, {})
+    out = proc.stdout + proc.stderr
+    errors = re.findall(r"error \[rank \d\]: .*", out)
+    assert proc.returncode == 2 and seconds < 60, out[-3000:]
+    assert len(errors) == 1 and victim.name in errors[0] and "Traceback" not in out, out[-3000:]
+    assert not [p for p in job_files if p.exists()]

@@ -388,3 +388,43 @@ def test_writers_take_the_largest_held_tiles_first_and_stay_balanced():
     assert finisher.written_bytes.tolist() == [120, 110]
     finisher.held = [SimpleNamespace(tile=5, held_bytes=30)]  # the next batch continues from those totals
     assert finisher.assign_writers().tolist() == [1]
+
+
+def test_assignment_distances_do_not_depend_on_the_rows_around_them(mixture, monkeypatch):
+    """A row's distance to its sense is the same to the bit whichever rows share its rank and chunk (one batched
+    product of another shape can differ in the last bit), and it is ||x - c||^2."""
+    from dist_sense.kmeans.lloyd import assign_senses
+
+    tokens, vectors, slots, priority, ks = mixture
+    whole, _ = make_local_tile(vectors, slots, priority, len(tokens), np)
+    sub = gather_subsample(whole, np.full(len(tokens), 300), ONE_PROCESS, np)
+    centres, valid = kmeans_plusplus(sub, np.full(len(tokens), 5), np.random.default_rng(0), np)
+    labels, distances = assign_senses(whole, plan_chunks(whole.offsets, D, np), centres, valid, np)
+    mine = np.random.default_rng(1).random(len(slots)) < 0.3
+    first = np.r_[True, slots[1:] != slots[:-1]]
+    mine[slots < 10] = first[slots < 10]  # tokens 0-9: one row on this rank, a product of one row
+    part, _ = make_local_tile(vectors[mine], slots[mine], priority[mine], len(tokens), np)
+    monkeypatch.setattr(kmeans_lloyd, "CHUNK_ELEMENTS", 40 * D)  # other chunks, other batch shapes
+    part_labels, part_distances = assign_senses(part, plan_chunks(part.offsets, D, np), centres, valid, np)
+    at = np.searchsorted(whole.priority, part.priority, sorter=np.argsort(whole.priority))
+    at = np.argsort(whole.priority)[at]  # each of the part's rows in the whole tile
+    same = part_labels == labels[at]
+    assert same.mean() > 0.99
+    np.testing.assert_array_equal(part_distances[same], distances[at][same])
+    direct = ((whole.vectors.astype(np.float64) - centres[whole.slots, labels]) ** 2).sum(axis=1)
+    np.testing.assert_allclose(distances, direct, rtol=1e-5, atol=1e-6)
+
+
+def test_inertia_is_summed_exactly_whatever_the_split():
+    import math
+
+    from dist_sense.kmeans.lloyd import exact_sum_parts, exact_total
+
+    rng = np.random.default_rng(0)
+    values = rng.lognormal(0, 8, 20_000).astype(np.float32)
+    values[:3] = [0, np.float32(1e-45), np.float32(3e38)]  # zero, the smallest subnormal, near the largest
+    whole = exact_total(exact_sum_parts(values))
+    assert whole == math.fsum(values.astype(np.float64).tolist())
+    for ranks in (2, 3, 7):
+        parts = sum(exact_sum_parts(part) for part in np.array_split(rng.permutation(values), ranks))
+        assert exact_total(parts) == whole

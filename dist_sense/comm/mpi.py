@@ -4,14 +4,18 @@
 k-means maths runs unchanged in a test or a single process. `MpiComm` is the same
 interface over MPI_COMM_WORLD. `open_comm()` picks one from the launcher's variables.
 Arrays are numpy (host) arrays; the k-means copies device statistics to the host once
-per collective.
+per collective. `abort_world` ends a failing job, first removing the MPICH shared-memory
+file that an aborted job would leave in /dev/shm.
 """
 from __future__ import annotations
 
 import itertools
+import os
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -164,5 +168,61 @@ def open_comm() -> LocalComm:
 
 
 def abort_world(code: int) -> None:
-    """End every rank of an MPI job (peers may be waiting in a collective for this one)."""
+    """End every rank of an MPI job (peers may be waiting in a collective for this one).
+
+    An aborted (or killed) MPICH job never unlinks its shared-memory segment, one per node
+    (/dev/shm/mpich_shm_<job>_<node>, 2 MB; MPI_Finalize does it on a clean exit), and
+    nothing else ever does: this rank first removes its node's (the job's other nodes, if
+    any, keep theirs). MPI_Abort returns under MPICH's Hydra, which kills the ranks a moment
+    later: the rank then exits at once with `code`, rather than unwind and report again."""
+    remove_own_mpich_shm()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
     mpi_world().Abort(code)
+    os._exit(code)
+
+
+SHM_DIR = Path("/dev/shm")
+MPICH_SHM_PREFIX = "mpich_"
+"""MPICH's names in SHM_DIR: mpich_shm_<world id>_<node id> (ch4 POSIX, the one an abort leaves), and the
+mpich_shar_tmp... of shared windows (unlinked as soon as mapped)."""
+
+
+def own_mpich_shm() -> list[Path]:
+    """The MPICH files in SHM_DIR that this process has mapped and that are still linked: its job's, on its node.
+
+    Read from /proc/self/maps and matched by device and inode, so a file of another job,
+    whatever its name or owner, is never among them."""
+    found = set()
+    try:
+        with open("/proc/self/maps") as maps:
+            lines = maps.read().splitlines()
+    except OSError:  # not Linux
+        return []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or fields[5].endswith(" (deleted)"):
+            continue
+        path = Path(fields[5])
+        if path.parent != SHM_DIR or not path.name.startswith(MPICH_SHM_PREFIX):
+            continue
+        major, minor = (int(part, 16) for part in fields[3].split(":"))
+        try:
+            info = path.stat()
+        except OSError:
+            continue
+        if (info.st_ino, os.major(info.st_dev), os.minor(info.st_dev)) == (int(fields[4]), major, minor):
+            found.add(path)
+    return sorted(found)
+
+
+def remove_own_mpich_shm() -> list[Path]:
+    """Unlink own_mpich_shm() (the job's ranks keep their mappings); returns what was removed."""
+    removed = []
+    for path in own_mpich_shm():
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        removed.append(path)
+    return removed

@@ -5,9 +5,18 @@ so assigning them is one batched GEMM per chunk (||x||^2 - 2 x.c + ||c||^2 with 
 per-token sense mask); the per-sense sums, counts and inertia of an iteration go out in
 one allreduce, and every rank then updates the centres identically. Arrays live on `xp`
 (cupy or numpy); the collectives (types.Comm) run on host numpy arrays.
+
+A product's result for one row can differ in the last bit with the batch it is computed in
+(BLAS and cuBLAS pick kernels by shape), and the batches follow how the rows are spread
+over ranks. So the distances the final assignment returns (example contexts are ranked
+by them) are recomputed directly, ||x - c||^2 summed in one fixed order (ordered_row_sums),
+and their total, the inertia, is summed exactly (exact_sum_parts): given the centres and
+the labels, both depend on the rows alone. The labels themselves, the iterations' sums and
+their stopping tests still come from float32 products and per-rank sums.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,16 +125,63 @@ def unpack_stats(packed, n_tokens: int, k_max: int, d: int):
 def assign_senses(local: LocalTile, chunks: list[Chunk], centres, valid, xp):
     """(labels int64 [N], squared distances float32 [N]) of the local rows in `chunks`, in row order.
 
-    Rows of tokens no chunk covers get label -1 and distance 0."""
+    Rows of tokens no chunk covers get label -1 and distance 0. A distance is ||x - c||^2 of
+    the row and its sense summed in one fixed order: the same whatever chunk the row is in."""
     labels = xp.full(len(local.slots), -1, dtype=xp.int64)
     distances = xp.zeros(len(local.slots), dtype=xp.float32)
     centre_sq = xp.einsum("tkd,tkd->tk", centres, centres)
     for chunk in chunks:
-        _, chunk_labels, nearest = _chunk_distances(local, chunk, centres, centre_sq, valid, xp)
+        x, chunk_labels, _ = _chunk_distances(local, chunk, centres, centre_sq, valid, xp)
+        diff = centres[chunk.index[:, None], chunk_labels]  # [t, n, d]: each row's sense
+        diff -= x
+        diff *= diff
+        has_sense = valid[chunk.index].any(axis=1)
+        direct = xp.where(has_sense[:, None], ordered_row_sums(diff, xp), 0)
         rows = chunk.rows[chunk.valid]
         labels[rows] = chunk_labels[chunk.valid]
-        distances[rows] = nearest[chunk.valid]
+        distances[rows] = direct[chunk.valid]
     return labels, distances
+
+
+def ordered_row_sums(values, xp):
+    """Sums over the last axis in one fixed order, a halving tree of element-wise adds, in place (`values` is
+    overwritten).
+
+    Each result depends on its own row's values alone, not on the array's shape or layout
+    nor on the backend's reduction kernels."""
+    width = values.shape[-1]
+    while width > 1:
+        half = width // 2
+        values[..., :half] += values[..., half : 2 * half]
+        if width % 2:
+            values[..., half] = values[..., width - 1]
+        width = half + width % 2
+    return values[..., 0].copy()
+
+
+FLOAT32_MIN_EXPONENT, EXPONENTS = -148, 277
+"""np.frexp exponents of float32 values: -148 (the smallest subnormal) to 128."""
+
+
+def exact_sum_parts(values: np.ndarray) -> np.ndarray:
+    """float64 [2 * EXPONENTS]: finite float32 `values` as integer sums per binary exponent, exactly.
+
+    Each value is m * 2^(e - 24) with m an integer under 2^24, split in two 12-bit halves so
+    the per-exponent sums stay exact (under 2^53) up to 2^41 values. Parts of several ranks
+    add up (an allreduce) exactly, so exact_total gives the correctly rounded sum of all
+    the values, whatever their order or their split over ranks."""
+    mantissa, exponent = np.frexp(np.asarray(values, dtype=np.float32))
+    whole = (mantissa.astype(np.float64) * 2.0**24).astype(np.int64)
+    at = exponent.astype(np.int64) - FLOAT32_MIN_EXPONENT
+    high = np.bincount(at, weights=whole >> 12, minlength=EXPONENTS)
+    low = np.bincount(at, weights=whole & 0xFFF, minlength=EXPONENTS)
+    return np.concatenate([high, low])
+
+
+def exact_total(parts: np.ndarray) -> float:
+    """The correctly rounded float64 total of values given as (summed) exact_sum_parts."""
+    scale = np.ldexp(1.0, np.arange(EXPONENTS) + FLOAT32_MIN_EXPONENT - 24)
+    return math.fsum(np.concatenate([parts[:EXPONENTS] * scale * 4096.0, parts[EXPONENTS:] * scale]).tolist())
 
 
 def update_centres(sums, counts, centres, valid, spherical: bool, xp):
@@ -224,6 +280,6 @@ def final_assignment(run: TileRun, chunks: list[Chunk], centres: Centres):
     labelled = host_labels >= 0
     flat = position[local.slots[labelled]] * k_max + host_labels[labelled]
     local_counts = np.bincount(flat, minlength=n_rows * k_max).astype(np.float64)
-    packed = run.comm.allreduce(np.concatenate([local_counts, [float(distances.sum(dtype=xp.float64))]]))
-    counts = np.rint(packed[:-1]).astype(np.int64).reshape(n_rows, k_max)
-    return labels, distances, counts, float(packed[-1])
+    packed = run.comm.allreduce(np.concatenate([local_counts, exact_sum_parts(to_host(distances))]))
+    counts = np.rint(packed[: n_rows * k_max]).astype(np.int64).reshape(n_rows, k_max)
+    return labels, distances, counts, exact_total(packed[n_rows * k_max :])

@@ -157,11 +157,15 @@ def _cluster_tokens(run: TileRun, rows: SubsampleRows, k: np.ndarray, per_token:
     return (sense_slots, centroids, sense_counts), labels, distances, inertia, history
 
 
-def nearest_rows_per_sense(local: LocalTile, result: TileResult, limit: int) -> np.ndarray:
-    """Local rows closest to their sense, at most `limit` per sense (example contexts)."""
+def nearest_rows_per_sense(local: LocalTile, result: TileResult, limit: int, ties: tuple = ()) -> np.ndarray:
+    """Local rows closest to their sense, at most `limit` per sense (example contexts).
+
+    Ties in distance go to the lower priority, then by `ties` (arrays over the local rows,
+    most significant first), then to the earlier row."""
     labels, distances = to_host(result.labels), to_host(result.distances)
     labelled = np.flatnonzero(labels >= 0)  # rows left to another rank's finishing (keep_small=False) are not
-    keys = (local.priority[labelled], distances[labelled], labels[labelled], local.slots[labelled])
+    keys = (*(np.asarray(tie)[labelled] for tie in reversed(ties)), local.priority[labelled], distances[labelled],
+            labels[labelled], local.slots[labelled])
     order = labelled[np.lexsort(keys)]
     group = local.slots[order] * (int(labels.max(initial=0)) + 1) + labels[order]
     return order[rank_in_group(group) < limit]

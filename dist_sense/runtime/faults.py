@@ -1,8 +1,10 @@
-"""Deliberate crashes for fault-injection tests, switched on by one environment variable.
+"""Deliberate faults for fault-injection tests, switched on by environment variables.
 
 DIST_SENSE_CRASH="POINT:N[:RANK]" makes the process die like `kill -9` (os._exit,
 no cleanup, no flushing) the N-th time it reaches crash point POINT, on rank RANK
-(any rank if omitted). Unset, `crash_point` costs one dictionary lookup.
+(any rank if omitted). DIST_SENSE_BUG, with the same syntax, raises PlantedBug there
+instead: a bug as the entry point sees one. Unset, `crash_point` costs two dictionary
+lookups.
 """
 from __future__ import annotations
 
@@ -12,19 +14,29 @@ from collections import Counter
 _seen: Counter = Counter()
 
 
+class PlantedBug(RuntimeError):
+    """Raised at a crash point by DIST_SENSE_BUG."""
+
+
 def crash_point(name: str) -> None:
-    spec = os.environ.get("DIST_SENSE_CRASH")
-    if not spec:
-        return
+    for variable in ("DIST_SENSE_CRASH", "DIST_SENSE_BUG"):
+        spec = os.environ.get(variable)
+        if spec and _due(variable, spec, name):
+            if variable == "DIST_SENSE_BUG":
+                raise PlantedBug(f"planted bug at {name} ({variable}={spec})")
+            os._exit(137)
+
+
+def _due(variable: str, spec: str, name: str) -> bool:
+    """Whether `spec` (POINT:N[:RANK]) fires now at crash point `name`; counts the visit if it is for this rank."""
     point, _, rest = spec.partition(":")
     if point != name:
-        return
+        return False
     count, _, rank = rest.partition(":")
     if rank:
         from dist_sense.comm import detect
 
         if detect().rank != int(rank):
-            return
-    _seen[name] += 1
-    if _seen[name] == int(count or 1):
-        os._exit(137)
+            return False
+    _seen[variable, name] += 1
+    return _seen[variable, name] == int(count or 1)

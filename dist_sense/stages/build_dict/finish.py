@@ -29,9 +29,17 @@ if TYPE_CHECKING:
     from dist_sense.stages.build_dict.spill import TileSpill
 
 CANDIDATE = np.dtype([("tile", "<i8"), ("slot", "<i8"), ("label", "<i8"), ("distance", "<f4"),
-                      ("priority", "<u8"), ("rank", "<i8"), ("sample", "<i8"), ("occurrence", "<i4")])
-"""An example candidate: its tile and sense, its distance to it, its tie-break, and which
-rank holds its context (sample and occurrence are that rank's spill references)."""
+                      ("priority", "<u8"), ("origin", "<i8"), ("occurrence", "<i4"), ("rank", "<i8"),
+                      ("sample", "<i8")])
+"""An example candidate: its tile and sense, its distance to it, its tie-breaks (priority, then
+its identity: origin and occurrence, see TileSpill), and which rank holds its context (sample
+and occurrence are that rank's spill references)."""
+
+EXAMPLE_ORDER = ("tile", "slot", "label", "distance", "priority", "origin", "occurrence")
+"""How candidates are ranked, most significant first: within a sense, nearest first, ties by
+priority, then by identity. Every key is a property of the occurrence and its sense, never of
+the rank that holds it nor of the order candidates arrive in, so any number of ranks picks the
+same examples (the distances depend on the row and its centre alone: kmeans.assign_senses)."""
 
 
 @dataclass
@@ -67,11 +75,11 @@ def finished_tile(tile: int, tokens: np.ndarray, local, result: kmeans.TileResul
     def records(rows):
         out = np.zeros(len(rows), CANDIDATE)
         out["tile"], out["slot"], out["label"] = tile, local.slots[rows], labels[rows]
-        out["priority"] = local.priority[rows]
+        out["priority"], out["origin"] = local.priority[rows], meta["origin"][rows]
         out["rank"], out["sample"], out["occurrence"] = rank, meta["sample"][rows], meta["occurrence"][rows]
         return out
 
-    picked = kmeans.nearest_rows_per_sense(local, result, limit)
+    picked = kmeans.nearest_rows_per_sense(local, result, limit, ties=(meta["origin"], meta["occurrence"]))
     candidates = records(picked)
     candidates["distance"] = backend.to_host(result.distances)[picked]
     kept = np.flatnonzero(result.kept_as_vectors[local.slots] & (labels < 0))
@@ -164,10 +172,10 @@ class TileFinisher:
 
 
 def pick_examples(offered: np.ndarray, limit: int) -> np.ndarray:
-    """The `limit` nearest candidates of each (tile, token, sense) over all ranks.
+    """The first `limit` candidates of each (tile, token, sense) over all ranks, in EXAMPLE_ORDER.
 
-    Sorted by (tile, slot, label, distance, priority)."""
-    order = np.lexsort((offered["priority"], offered["distance"], offered["label"], offered["slot"], offered["tile"]))
+    Sorted by EXAMPLE_ORDER, so the result depends on the set of candidates, not on their order."""
+    order = np.lexsort(tuple(offered[key] for key in reversed(EXAMPLE_ORDER)))
     ranked = offered[order]
     senses = int(ranked["label"].max(initial=0)) + 1
     group = (ranked["tile"] * (int(ranked["slot"].max(initial=0)) + 1) + ranked["slot"]) * senses + ranked["label"]

@@ -36,8 +36,8 @@ def work_units(shard_samples: list[tuple[str, int]], unit: int, tail_samples: in
     its data or its core just claims fewer: every rank must finish reading before the first
     tile's collective, and fixed shares left the others waiting for the slowest. The last
     `tail_samples` samples come in units of `tail_unit`, so the ranks' last claims are short
-    and they finish closer together. Which rank reads a sample never changes the dictionary
-    (see occurrence_priority).
+    and they finish closer together. Which rank reads a sample changes neither the subsample
+    nor the ranking of example contexts (see occurrence_priority).
     """
     total = sum(int(count) for _, count in shard_samples)
     tail_from, small = total - tail_samples, tail_unit or unit
@@ -79,15 +79,18 @@ class TileSpill:
     """This rank's hidden rows bucketed by tile, so each tile is read back alone.
 
     One pass over the rank's shards replaces one pass per tile. Rows keep their storage
-    dtype; beside each row go its token, its subsample priority and where its context
-    is (a sample number into contexts.bin and the occurrence's index in that sample).
+    dtype; beside each row go its token, its subsample priority, its origin (shard number
+    << 32 | sample number in that shard: with the occurrence, an identity that is the same
+    on any rank, the last tie-break between example candidates) and where its context is
+    (a sample number into contexts.bin and the occurrence's index in that sample).
     Rows stay in memory up to `memory_bytes` (at least SPILL_BATCH_BYTES); past that, what
     is held is appended to per-tile scratch files and memory starts over, so memory stays bounded whatever the
     corpus, and a corpus that fits costs no scratch I/O (which, written and read back,
     took system time from both ranks of a 2-core run).
     """
 
-    META = np.dtype([("token", "<i8"), ("priority", "<u8"), ("sample", "<i8"), ("occurrence", "<i4")])
+    META = np.dtype([("token", "<i8"), ("priority", "<u8"), ("origin", "<i8"), ("sample", "<i8"),
+                     ("occurrence", "<i4")])
     STORAGE = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}
 
     def __init__(self, directory: Path, dtype: str, d: int, memory_bytes: int = 512 << 20):
@@ -102,18 +105,22 @@ class TileSpill:
         self._held: dict[int, list] = {}  # after seal: tile -> [(rows, meta, indices) per block]
 
     def fill(self, units: Iterable[tuple[Path, int, int]], plan: TilePlan, todo: list[int], seed: int,
-             poll: Callable[[], object] = lambda: None) -> None:
+             poll: Callable[[], object] = lambda: None, shard_numbers: dict[str, int] | None = None) -> None:
         """Read (shard, first sample, end sample) units, as claimed, into the tile files of `todo`.
 
         `poll` runs after every sample (build_dict.SharedCounter.poll: lets MPI serve the other
-        ranks' claims)."""
+        ranks' claims). `shard_numbers` (file name -> number, the same on every rank) makes the
+        rows' origins; without it, shards are numbered as they come."""
         tile_map = np.where(np.isin(plan.tile_of_token, todo), plan.tile_of_token, -1)
+        numbers = {} if shard_numbers is None else shard_numbers
         offsets: dict[Path, list[int]] = {}  # per shard, so a unit starts at its first sample's header
         with open(self.directory / "contexts.bin", "wb") as contexts:
             for path, start, stop in units:
                 if start > 0 and path not in offsets:
                     offsets[path] = shards.sample_offsets(path)
-                for sample in shards.iter_hidden_range(path, start, stop, self.dtype, offsets.get(path)):
+                first = numbers.setdefault(path.name, len(numbers)) << 32 | start
+                samples = shards.iter_hidden_range(path, start, stop, self.dtype, offsets.get(path))
+                for origin, sample in enumerate(samples, first):
                     poll()
                     tokens = sample["tokens"]
                     inside = (tokens >= 0) & (tokens < len(tile_map))
@@ -125,7 +132,8 @@ class TileSpill:
                     contexts.write(doc)
                     self.doc_offsets.append(self.doc_offsets[-1] + len(doc))
                     meta = np.zeros(len(keep), self.META)
-                    meta["token"], meta["sample"], meta["occurrence"] = tokens[keep], len(self.doc_offsets) - 2, keep
+                    meta["token"], meta["origin"] = tokens[keep], origin
+                    meta["sample"], meta["occurrence"] = len(self.doc_offsets) - 2, keep
                     meta["priority"] = occurrence_priority(seed, path.name, sample["key"], sample["pos"][keep])
                     self._add(tiles[keep], shards.encode_hidden(sample["hidden"][keep], self.dtype), meta)
         self.doc_offsets = np.asarray(self.doc_offsets, dtype=np.int64)

@@ -57,8 +57,10 @@ def run(cfg) -> Path:
                            tail_samples=2 * comm.world * FILL_UNIT_SAMPLES, tail_unit=FILL_UNIT_SAMPLES // 4)
         spill = TileSpill(out_dir / ".work" / f"rank-{comm.rank:03d}", hidden["dtype"], int(hidden["d"]),
                           cfg.memory.spill_mb << 20)
+        numbers = {file: i for i, file in enumerate(sorted(s["file"] for s in hidden["shards"]))}  # as on any rank
         with comm.work_counter() as counter:
-            spill.fill(_claimed(units, hidden_dir, counter), plan, todo, cfg.kmeans.seed, poll=counter.poll)
+            spill.fill(_claimed(units, hidden_dir, counter), plan, todo, cfg.kmeans.seed, poll=counter.poll,
+                       shard_numbers=numbers)
         spill.seal()  # after the counter's closing barrier: see TileSpill.seal
         metrics = Metrics(cfg.run_path / "tb" / "kmeans", enabled=comm.rank == 0)
         finisher = TileFinisher(comm, spill, out_dir, settings, cfg.kmeans.examples_per_sense,
