@@ -17,12 +17,20 @@
 # Arguments after the script are key=value overrides, given to both stages.
 # Under Slurm one task runs per GPU: --ntasks-per-node must equal --gpus-per-node.
 #
+# --signal=TERM@120 (no "B:"): SIGTERM to the tasks of every job step (the ranks under srun)
+# 120 s (Slurm may add up to 60 s) before the time limit, as slurm/distill.sh asks for too;
+# "B:TERM@120" would reach only this batch shell, which cannot pass it on while srun runs in
+# the foreground. Extraction and k-means have no SIGTERM handler yet: the signal ends them as
+# the limit would (a little sooner), and resubmitting resumes them from their progress files
+# and finished tiles (docs/operations.md, Resuming).
+#
 #SBATCH --job-name=dist_sense_dict
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=4
 #SBATCH --gpus-per-node=4
 #SBATCH --cpus-per-task=8
 #SBATCH --time=08:00:00
+#SBATCH --signal=TERM@120
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 

@@ -17,12 +17,24 @@
 # Both stages resume: resubmitting the same job continues where the last one stopped.
 # Submit from the repository root (the job runs in $SLURM_SUBMIT_DIR).
 #
+# Stopping early: on SIGTERM distill saves a checkpoint at the next step and exits with code 3
+# (0 = finished, 1 = a bug, 2 = an input error); this script then exits 3 too: resubmit (or
+# `scontrol requeue` a job submitted with --requeue) to resume. The label stage has no handler:
+# SIGTERM ends it, and its rerun resumes from its last closed shard.
+# --signal=TERM@120 (no "B:") makes Slurm send SIGTERM to the tasks of every job step, i.e. the
+# python ranks under srun, 120 s (Slurm may add up to 60 s) before the time limit. "B:TERM@120"
+# would signal only this batch shell, which runs srun in the foreground and so neither passes
+# the signal on nor runs a trap before srun returns: the ranks would get nothing until Slurm's
+# own SIGTERM at the limit, KillWait (often 30 s) before its SIGKILL. Preemption and scancel
+# send SIGTERM to the steps as well, with the same KillWait.
+#
 #SBATCH --job-name=dist_sense-distill
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=4
 #SBATCH --gpus-per-node=4
 #SBATCH --cpus-per-task=8
 #SBATCH --time=24:00:00
+#SBATCH --signal=TERM@120
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 
@@ -36,6 +48,27 @@ fi
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}
 
+STOPPED=3  # distill's exit code after SIGTERM: checkpoint saved, not finished (dist_sense/stages/distill/stopping.py)
+
+# The deepspeed launcher outside Slurm, with SIGTERM to this script passed to the ranks. `deepspeed`
+# itself (one node) has no SIGTERM handler: it dies and leaves its child launch.py and the ranks
+# running. launch.py does pass SIGTERM on, but to one rank at a time, SIGKILLing each 30 s later,
+# and exits 1 whatever the ranks did (DeepSpeed 0.19). So the ranks, the children of launch.py,
+# are signalled directly: they stop at the next step with a checkpoint and deepspeed exits 3.
+run_deepspeed() {
+  "$DEEPSPEED" "$@" &
+  local runner=$! rc=0 stopping=0
+  # shellcheck disable=SC2064
+  trap "stopping=1; pkill -TERM -P \"\$(pgrep -d, -P $runner)\" || true" TERM
+  wait "$runner" || rc=$?
+  while (( stopping == 1 )); do  # the trap interrupted wait: wait for the launcher's own exit code
+    stopping=2 rc=0
+    wait "$runner" || rc=$?
+  done
+  trap - TERM
+  return "$rc"
+}
+
 stage_args() {  # the command line of one stage after the script name
   case "$1" in
     label)   echo "--config $CONFIG" ;;
@@ -47,10 +80,11 @@ stage_args() {  # the command line of one stage after the script name
 for stage in $STAGES; do
   args=$(stage_args "$stage")
   echo "== $stage: $(date)"
+  rc=0
   if [[ -n "${SLURM_JOB_ID:-}" ]]; then
     # One task per GPU; dist_sense.comm reads SLURM_PROCID/SLURM_NTASKS and the first host.
     # shellcheck disable=SC2086
-    srun --kill-on-bad-exit=1 "$PYTHON" "launcher/$stage.py" $args "$@"
+    srun --kill-on-bad-exit=1 "$PYTHON" "launcher/$stage.py" $args "$@" || rc=$?
   else
     if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
       export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
@@ -59,7 +93,12 @@ for stage in $STAGES; do
     [[ -x "$DEEPSPEED" ]] || DEEPSPEED=deepspeed
     PORT=${MASTER_PORT:-$("$PYTHON" -c 'from dist_sense.comm import free_port; print(free_port())')}
     # shellcheck disable=SC2086
-    "$DEEPSPEED" --num_gpus "${NPROC:-2}" --master_port "$PORT" "launcher/$stage.py" $args "$@"
+    run_deepspeed --num_gpus "${NPROC:-2}" --master_port "$PORT" "launcher/$stage.py" $args "$@" || rc=$?
   fi
+  if [[ "$stage" == distill && "$rc" == "$STOPPED" ]]; then
+    echo "== distill stopped by SIGTERM with a checkpoint (exit $STOPPED): run this job again to resume: $(date)"
+    exit "$STOPPED"
+  fi
+  [[ "$rc" == 0 ]] || exit "$rc"
 done
 echo "== done: $(date)"

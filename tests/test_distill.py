@@ -1,7 +1,14 @@
 """Stage 3 (training) on the tiny models: labels reader, batch settings, ZeRO-2 runs, resume, errors."""
 import json
+import os
+import re
 import shutil
+import signal
+import struct
+import subprocess
 import sys
+import time
+import zipfile
 from pathlib import Path
 
 import helpers as testing
@@ -10,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dist_sense.comm import DistEnv
 from dist_sense.config import ConfigError, RunConfig
 from dist_sense.formats.dictionary import SenseDictionary
 from dist_sense.formats.labels import (
@@ -23,6 +31,7 @@ from dist_sense.formats.labels import (
 from dist_sense.formats.manifest import ManifestError
 from dist_sense.model.losses import sense_kd_loss
 from dist_sense.model.student import build_student, load_student
+from dist_sense.stages.distill import checkpoints
 from dist_sense.stages.distill import stage as distill
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
@@ -170,6 +179,23 @@ def test_missing_or_unusable_inputs_are_named(inputs, tiny_llama, tmp_path):
         distill.prepare(config_for(run_dir, tiny_llama), world_size=2)
 
 
+def test_sigterm_only_sets_a_flag_while_installed():
+    before = signal.getsignal(signal.SIGTERM)
+    with distill.StopOnSignal() as stop:
+        assert stop.flag() == 0.0
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs between bytecodes of the main thread
+        assert stop.received and stop.flag() == 1.0
+    assert signal.getsignal(signal.SIGTERM) is before
+    try:  # after a stop the handler stays: the ranks are exiting, a launcher's second SIGTERM must not kill them
+        with pytest.raises(SystemExit) as exit_info, distill.StopOnSignal():
+            raise distill.stopped(7, 1)
+        assert exit_info.value.code == distill.STOPPED_EXIT_CODE == 3
+        assert signal.getsignal(signal.SIGTERM) is not before
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 # ----------------------------------------------------------------------------- real DeepSpeed runs
 
 
@@ -252,6 +278,187 @@ def test_killed_run_resumes_where_it_stopped(two_rank_run, inputs, tiny_llama, t
     b = load_file(two_rank_run / "student" / "final" / "model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def copy_finished_run(source: Path, inputs: Path, run_dir: Path) -> Path:
+    """A copy of a finished run's inputs, checkpoints and metrics (not its final student)."""
+    copy_inputs(inputs, run_dir)
+    shutil.copytree(source / "student" / "checkpoints", run_dir / "student" / "checkpoints")
+    shutil.copy(source / "student" / "metrics.jsonl", run_dir / "student" / "metrics.jsonl")
+    return run_dir
+
+
+def truncate(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+def corrupt_inside(path: Path) -> None:
+    """Overwrite the start of the pickle in a torch.save archive: same size, readable index, fails to load."""
+    with zipfile.ZipFile(path) as archive:
+        entry = next(info for info in archive.infolist() if info.filename.endswith("data.pkl"))
+    with open(path, "r+b") as f:
+        f.seek(entry.header_offset + 26)  # the local header's name and extra-field lengths
+        name_length, extra_length = struct.unpack("<HH", f.read(4))
+        f.seek(entry.header_offset + 30 + name_length + extra_length)
+        f.write(b"\xff" * 16)
+
+
+def assert_finished_like(run_dir: Path, reference: Path) -> None:
+    """Every step logged once, and the final student that of the uninterrupted `reference` run."""
+    assert [m["step"] for m in metrics(run_dir) if "loss/kd" in m] == list(range(1, 21))
+    expected, got = train_losses(reference), train_losses(run_dir)
+    for step in range(1, 21):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+    a = load_file(run_dir / "student" / "final" / "model.safetensors")
+    b = load_file(reference / "student" / "final" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+@pytest.mark.slow
+def test_checkpoint_choice_needs_every_rank_and_names_what_is_wrong(two_rank_run, tmp_path, monkeypatch):
+    ckpt = shutil.copytree(two_rank_run / "student" / "checkpoints", tmp_path / "checkpoints")
+    views = [checkpoints.inspect_checkpoints(ckpt, rank, 2) for rank in (0, 1)]
+    assert views[0] == views[1] == {"step15": None, "step20": None}
+    marker = json.loads((ckpt / "step20" / checkpoints.COMPLETE_MARKER).read_text())
+    assert marker["step"] == 20 and marker["world_size"] == 2 and (ckpt / "latest").read_text() == "step20"
+    # Rank 1's optimizer partition damaged in place (same size): only rank 1 reads it, and all skip step20.
+    partition = next(ckpt.glob("step20/*zero_pp_rank_1_*optim_states.pt"))
+    with open(partition, "r+b") as f:
+        f.seek(-200, os.SEEK_END)
+        f.write(b"\0" * 200)
+    views = [checkpoints.inspect_checkpoints(ckpt, rank, 2) for rank in (0, 1)]
+    assert views[0]["step20"] is None and "not a readable torch file" in views[1]["step20"]
+    usable, problems = checkpoints.usable_tags(views)
+    assert usable == ["step15"] and problems["step20"][0].startswith(f"rank 1: {partition.name} is not a readable")
+    assert "written by 2 ranks, this run has 4" in checkpoints.inspect_checkpoints(ckpt, 0, 4)["step15"]
+    # `latest` naming a deleted directory; a save cut short (no marker) is reported but is no checkpoint.
+    shutil.rmtree(ckpt / "step20")
+    (ckpt / "step25").mkdir()
+    usable, problems = checkpoints.usable_tags([checkpoints.inspect_checkpoints(ckpt, 0, 2)])
+    assert usable == ["step15"]
+    assert problems == {"step25": [checkpoints.UNFINISHED], "step20": ["named by `latest`, but its directory is missing"]}
+    truncate(next(ckpt.glob("step15/*model_states.pt")))
+    monkeypatch.setattr(checkpoints.comm, "detect", lambda: DistEnv(0, 0, 2, "test"))  # rank 0 of 2, alone
+    with pytest.raises(distill.CheckpointError) as err:
+        checkpoints.resume(None, ckpt, {}, None)
+    message = str(err.value)
+    assert message.startswith(f"{ckpt}: no checkpoint can be resumed") and f"delete {ckpt}" in message
+    assert "step20: named by `latest`" in message and re.search(r"step15: mp_rank_00_model_states.pt is \d+ bytes", message)
+    shutil.rmtree(ckpt / "step15")
+    (ckpt / "latest").write_text("step25")  # a directory without marker that `latest` names is a checkpoint
+    with pytest.raises(distill.CheckpointError, match=r"step25: no dist_sense_complete.json, yet `latest` names it"):
+        checkpoints.resume(None, ckpt, {}, None)
+    (ckpt / "latest").unlink()
+    assert checkpoints.resume(None, ckpt, {}, None) == 0  # only an unfinished save: start from scratch
+    assert checkpoints.resume(None, tmp_path / "none", {}, None) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncated", "deleted", "rank1_corrupted"])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(two_rank_run, inputs, tiny_llama, tmp_path, damage):
+    run_dir = copy_finished_run(two_rank_run, inputs, tmp_path / "run")
+    ckpt = run_dir / "student" / "checkpoints"
+    if damage == "truncated":
+        for path in (ckpt / "step20").glob("*.pt"):
+            truncate(path)
+    elif damage == "deleted":
+        shutil.rmtree(ckpt / "step20")  # `latest` still names it
+    else:  # passes the checks before loading; only rank 1 reads this file, and fails
+        corrupt_inside(next(ckpt.glob("step20/*zero_pp_rank_1_*optim_states.pt")))
+    proc = testing.run_deepspeed(SCRIPT, args_for(run_dir, tiny_llama), nproc=2, timeout=300)
+    skipped = [line for line in proc.stderr.splitlines() if "skipping checkpoint" in line]
+    assert skipped and all(str(ckpt / "step20") in line for line in skipped), proc.stderr[-3000:]
+    why = {"truncated": r"\.pt is \d+ bytes, \d+ when saved", "deleted": "named by `latest`, but its directory is missing",
+           "rank1_corrupted": r"step20: rank 1: \w+(Error|Exception): "}[damage]
+    assert all(re.search(why, line) for line in skipped), skipped
+    assert f"resumed from {ckpt / 'step15'} at step 15" in proc.stderr
+    assert_finished_like(run_dir, two_rank_run)
+    assert (ckpt / "latest").read_text() == "step20" and (ckpt / "step20" / checkpoints.COMPLETE_MARKER).is_file()
+
+
+@pytest.mark.slow
+def test_crash_while_saving_leaves_no_checkpoint_that_looks_complete(two_rank_run, inputs, tiny_llama, tmp_path):
+    run_dir = copy_inputs(inputs, tmp_path)
+    args = args_for(run_dir, tiny_llama)
+    crashed = testing.run_deepspeed(SCRIPT, args, nproc=2, timeout=300, check=False,
+                                    env={"DIST_SENSE_CRASH": "distill.save:2"})  # step10's files written, no marker
+    assert crashed.returncode != 0
+    ckpt = run_dir / "student" / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step5" and any((ckpt / "step10").glob("*.pt"))
+    assert not (ckpt / "step10" / checkpoints.COMPLETE_MARKER).exists()
+    resumed = testing.run_deepspeed(SCRIPT, args, nproc=2, timeout=300)
+    assert f"skipping checkpoint {ckpt / 'step10'}: {checkpoints.UNFINISHED}" in resumed.stderr
+    assert f"resumed from {ckpt / 'step5'} at step 5" in resumed.stderr
+    assert_finished_like(run_dir, two_rank_run)
+
+
+def rank_process(launcher: subprocess.Popen, rank: int, timeout: float = 120):
+    import psutil
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for child in psutil.Process(launcher.pid).children(recursive=True):
+            try:
+                if f"--local_rank={rank}" in child.cmdline():
+                    return child
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(0.2)
+    raise TimeoutError(f"no rank {rank} under the deepspeed launcher after {timeout} s")
+
+
+def wait_for_step(run_dir: Path, step: int, launcher: subprocess.Popen, timeout: float = 300) -> None:
+    path, deadline = run_dir / "student" / "metrics.jsonl", time.time() + timeout
+    while time.time() < deadline and launcher.poll() is None:
+        if path.is_file() and any(m.get("step", 0) >= step and "loss/kd" in m for m in map(json.loads, _whole_lines(path))):
+            return
+        time.sleep(0.01)
+    raise TimeoutError(f"step {step} not reached (launcher exit code {launcher.poll()})")
+
+
+def _whole_lines(path: Path) -> list[str]:
+    text = path.read_text()
+    return text.splitlines()[: text.count("\n")]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes(two_rank_run, inputs, tiny_llama, tmp_path):
+    run_dir = copy_inputs(inputs, tmp_path / "run")
+    args = args_for(run_dir, tiny_llama)
+    log_path = tmp_path / "stopped.log"
+    with open(log_path, "w") as log_file:
+        # Each step slowed to over 0.2 s, so the signal surely comes before the last of the 20 steps.
+        command = testing.deepspeed_cmd(SCRIPT, args, nproc=2)
+        env = testing.launch_env({"DIST_SENSE_SLOW": "distill.step:0.2"})
+        launcher = subprocess.Popen(command, cwd=testing.REPO_ROOT, env=env, stdout=log_file,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        rank1 = rank_process(launcher, 1)
+        wait_for_step(run_dir, 2, launcher)
+        signalled = time.time()
+        rank1.send_signal(signal.SIGTERM)  # one rank only, as when a signal reaches ranks at different times
+        code = launcher.wait(timeout=120)
+        took = time.time() - signalled
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    output = log_path.read_text()
+    assert code == distill.STOPPED_EXIT_CODE == 3, output[-4000:]
+    assert took < 60, took
+    stops = re.findall(r"\[rank (\d)\].* stopped by SIGTERM at step (\d+) \(received by 1 of 2 ranks\)", output)
+    assert sorted(rank for rank, _ in stops) == ["0", "1"] and len({step for _, step in stops}) == 1, output[-4000:]
+    step = int(stops[0][1])
+    assert 2 <= step < 20 and "rerun to resume" in output
+    ckpt = run_dir / "student" / "checkpoints"
+    assert (ckpt / "latest").read_text() == f"step{step}" and (ckpt / f"step{step}" / checkpoints.COMPLETE_MARKER).is_file()
+    assert not (run_dir / "student" / "final").exists()
+    assert max(m["step"] for m in metrics(run_dir)) == step
+
+    resumed = testing.run_deepspeed(SCRIPT, args, nproc=2, timeout=300)
+    assert f"resumed from {ckpt / f'step{step}'} at step {step}" in resumed.stderr
+    assert_finished_like(run_dir, two_rank_run)
 
 
 @pytest.mark.slow

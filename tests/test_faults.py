@@ -45,3 +45,15 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     RankProgress(tmp_path, rank=0, world_size=1, settings={"cap": 10}).commit(None, 5, {})
     with pytest.raises(ManifestError, match="made with other settings"):
         RankProgress(tmp_path, rank=0, world_size=1, settings={"cap": 20})
+
+
+def test_slow_point_sleeps_at_its_point_only(monkeypatch):
+    from dist_sense.runtime import faults
+
+    slept = []
+    monkeypatch.setattr(faults.time, "sleep", slept.append)
+    monkeypatch.setenv("DIST_SENSE_SLOW", "distill.step:0.25")
+    faults.crash_point("distill.step")
+    faults.crash_point("extract.batch")
+    faults.crash_point("distill.step")
+    assert slept == [0.25, 0.25]

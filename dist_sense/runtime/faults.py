@@ -3,12 +3,14 @@
 DIST_SENSE_CRASH="POINT:N[:RANK]" makes the process die like `kill -9` (os._exit,
 no cleanup, no flushing) the N-th time it reaches crash point POINT, on rank RANK
 (any rank if omitted). DIST_SENSE_BUG, with the same syntax, raises PlantedBug there
-instead: a bug as the entry point sees one. Unset, `crash_point` costs two dictionary
-lookups.
+instead: a bug as the entry point sees one. DIST_SENSE_SLOW="POINT:SECONDS" sleeps that
+long every time any rank reaches POINT, so a test can act while a run is surely still going
+(signal it mid-training, say). Unset, `crash_point` costs three dictionary lookups.
 """
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 
 _seen: Counter = Counter()
@@ -25,6 +27,9 @@ def crash_point(name: str) -> None:
             if variable == "DIST_SENSE_BUG":
                 raise PlantedBug(f"planted bug at {name} ({variable}={spec})")
             os._exit(137)
+    slow = os.environ.get("DIST_SENSE_SLOW")
+    if slow and slow.partition(":")[0] == name:
+        time.sleep(float(slow.partition(":")[2]))
 
 
 def _due(variable: str, spec: str, name: str) -> bool:

@@ -6,7 +6,9 @@ Inputs: RUN/dictionary/ and RUN/labels/ (the teacher does not run here). Output:
   checkpoints/run.json the identity of the run the checkpoints belong to (fingerprints, student)
   metrics.jsonl        one JSON line per step and per evaluation (rank 0)
   final/               save_student of the last step (written to a temporary name, renamed)
-A rerun resumes from the newest checkpoint: weights, optimizer, schedule, data position, RNG (checkpoints.py).
+A rerun resumes from the newest checkpoint that loads on every rank: weights, optimizer, schedule, data
+position, RNG (checkpoints.py). SIGTERM stops the run at the next step with a checkpoint and exit code 3
+(stopping.py).
 Batch sizes come from distill.* through `DistillConfig.batch_split`; ds_configs/ hold engine settings only.
 """
 from __future__ import annotations
@@ -40,6 +42,7 @@ from dist_sense.stages.distill.checkpoints import (  # noqa: F401
     save_checkpoint,
     seed_everything,
 )
+from dist_sense.stages.distill.stopping import STOPPED_EXIT_CODE, StopOnSignal, stopped  # noqa: F401
 
 log = comm.get_logger("dist_sense.distill")
 
@@ -157,9 +160,10 @@ def _on(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def train_step(engine, data: LabelData, senses: SenseTable, accum: int) -> dict:
-    """One optimizer step (accum micro-batches per rank); returns metrics averaged over ranks."""
-    sums = torch.zeros(6, dtype=torch.float64, device=comm.device())
+def train_step(engine, data: LabelData, senses: SenseTable, accum: int, stop: StopOnSignal | None = None) -> dict:
+    """One optimizer step (accum micro-batches per rank); returns metrics averaged over ranks, and in
+    "stop" how many ranks have received SIGTERM (reduced with the metrics: the same on every rank)."""
+    sums = torch.zeros(7, dtype=torch.float64, device=comm.device())
     for _ in range(accum):
         batch = _on(data.next_batch(), engine.device)
         states = engine(batch["input_ids"], batch["attention_mask"])
@@ -167,12 +171,13 @@ def train_step(engine, data: LabelData, senses: SenseTable, accum: int) -> dict:
         engine.backward(loss)
         engine.step()
         tokens = batch["attention_mask"].sum()
-        sums += torch.stack([loss.detach().double(), stats["correct_top1"].double(), stats["correct_top5"].double(),
-                             stats["n"].double(), tokens.double(), torch.ones((), dtype=torch.float64, device=sums.device)])
+        sums[:6] += torch.stack([loss.detach().double(), stats["correct_top1"].double(), stats["correct_top5"].double(),
+                                 stats["n"].double(), tokens.double(), torch.ones((), dtype=torch.float64, device=sums.device)])
+    sums[6] = stop.flag() if stop else 0.0  # read after the step's work: a signal during it stops at this step
     comm.all_reduce_sum(sums)
-    loss_sum, top1, top5, n, tokens, micro = sums.tolist()
+    loss_sum, top1, top5, n, tokens, micro, votes = sums.tolist()
     return {"loss": loss_sum / micro, "acc/top1": top1 / max(n, 1), "acc/top5": top5 / max(n, 1),
-            "labelled": n, "tokens": tokens}
+            "labelled": n, "tokens": tokens, "stop": int(votes)}
 
 
 @torch.no_grad()
@@ -250,7 +255,14 @@ def _step_of(line: str) -> float:
 
 
 def run(cfg: RunConfig) -> Path:
-    """Distil the student into RUN/student/ (resuming from its newest checkpoint) and return that directory."""
+    """Distil the student into RUN/student/ (resuming from its newest checkpoint) and return that directory.
+
+    On SIGTERM: a checkpoint at the next step, then SystemExit(STOPPED_EXIT_CODE) on every rank."""
+    with StopOnSignal() as stop:  # installed before the (slow) start, so an early signal stops cleanly too
+        return _run(cfg, stop)
+
+
+def _run(cfg: RunConfig, stop: StopOnSignal) -> Path:
     env = comm.init_torch()
     plan = prepare(cfg, env.world_size)
     out_dir = student_dir(cfg)
@@ -272,7 +284,7 @@ def run(cfg: RunConfig) -> Path:
     step = resume(engine, plan["ckpt_dir"], plan["identity"], data)
     if env.is_main:
         atomic_write_json(plan["ckpt_dir"] / "run.json", plan["identity"])
-    _train(cfg, engine, data, senses, plan, step)
+    _train(cfg, engine, data, senses, plan, step, stop)
     if env.is_main:
         _write_final(engine, out_dir, tokenizer, plan["identity"], int(engine.global_steps))
     comm.barrier()
@@ -302,7 +314,8 @@ def _initialize(cfg: RunConfig, student, plan: dict):
     return engine
 
 
-def _train(cfg: RunConfig, engine, data: LabelData, senses: SenseTable, plan: dict, step: int) -> None:
+def _train(cfg: RunConfig, engine, data: LabelData, senses: SenseTable, plan: dict, step: int,
+           stop: StopOnSignal) -> None:
     metrics = MetricsLog(cfg, step)
     every_eval, every_save = cfg.distill.eval_every, cfg.distill.save_every
     if step == 0 and every_eval and (result := evaluate(engine, data, senses)):
@@ -314,7 +327,7 @@ def _train(cfg: RunConfig, engine, data: LabelData, senses: SenseTable, plan: di
     saved_at = step
     while step < cfg.distill.steps:
         started, lr = time.time(), engine.get_lr()[0]  # the rate this step uses
-        stats = train_step(engine, data, senses, plan["accum"])
+        stats = train_step(engine, data, senses, plan["accum"], stop)
         step = int(engine.global_steps)
         crash_point("distill.step")
         metrics.train(step, stats, lr, engine.get_global_grad_norm(), time.time() - started)
@@ -325,6 +338,11 @@ def _train(cfg: RunConfig, engine, data: LabelData, senses: SenseTable, plan: di
         if every_save and step % every_save == 0:
             save_checkpoint(engine, plan["ckpt_dir"], step, data, plan["identity"])
             saved_at = step
+        if stats["stop"] and step < cfg.distill.steps:  # every rank sees the same count at the same step
+            if saved_at != step:
+                save_checkpoint(engine, plan["ckpt_dir"], step, data, plan["identity"])
+            metrics.close()
+            raise stopped(step, stats["stop"])
     if saved_at != step or latest_tag(plan["ckpt_dir"]) is None:
         save_checkpoint(engine, plan["ckpt_dir"], step, data, plan["identity"])
     if result := evaluate(engine, data, senses):
