@@ -13,9 +13,11 @@ def share_cores(local_processes: int) -> None:
     oversubscribes the cores and every rank gets slower. Left alone when OMP_NUM_THREADS
     is set or CUDA is present (the GPU does the work there).
     """
+    if "OMP_NUM_THREADS" in os.environ or local_processes <= 1:
+        return  # before importing torch: a lone process need not pay for it here
     import torch
 
-    if "OMP_NUM_THREADS" in os.environ or torch.cuda.is_available() or local_processes <= 1:
+    if torch.cuda.is_available():
         return
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
 
