@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -76,6 +77,8 @@ def teacher_run(n_docs: int = 12000, cap: int = 1000) -> Path:
     """A run directory with hidden/ from the demo model over WordNet text (extracted once, on 1 rank)."""
     import helpers as testing
     run_dir = WORK / f"teacher_run_{n_docs}_{cap}"
+    if (run_dir / "hidden" / "manifest.json").is_file() and not (run_dir / "hidden" / "identity.json").is_file():
+        shutil.rmtree(run_dir)  # made by a version without run identities and shard checksums: rebuilt
     if not (run_dir / "hidden" / "manifest.json").is_file():
         args = [f"run_dir={run_dir}", f"model.teacher={DEMO_MODEL}", f"corpus.path={wordnet_corpus(n_docs)}",
                 "corpus.max_length=64", f"extract.cap={cap}", "extract.hidden_dtype=fp32", "extract.batch_size=32"]

@@ -43,6 +43,7 @@ def main() -> dict:
     from transformers import AutoModel
 
     from dist_sense import comm
+    from dist_sense.formats.identity import corpus_fingerprint
     from dist_sense.model.teacher import Teacher, resolve_model_path
     from dist_sense.stages.counts import run_counts
     from dist_sense.stages.extract import HiddenSink, banned_token_ids, keep_probability
@@ -64,7 +65,8 @@ def main() -> dict:
     comm.init_torch()
     teachers = {"auto": Teacher(cfg.model, cfg.extract.ds_config, BATCH)}
     assert not teachers["auto"].partitioned
-    counts = run_counts(cfg, dataset, tokenizer, teachers["auto"].tokenizer_fingerprint, cfg.corpus.path)
+    counts = run_counts(cfg, dataset, tokenizer, teachers["auto"].tokenizer_fingerprint, cfg.corpus.path,
+                        corpus_fingerprint(cfg.corpus.path))
     sink = HiddenSink(keep_probability(counts, cfg.extract.cap, banned_token_ids(tokenizer, [])), 0, "fp16")
 
     def extract_pass(mode: str, round_: int) -> float:

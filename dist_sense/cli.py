@@ -2,9 +2,12 @@
 
 `run_stage` parses the command line, applies the process-wide settings, runs the stage
 and turns errors into exit codes: a bad input (config, corpus, manifest, shard, dictionary,
-labels, teacher) is one line naming the culprit and exit code 2; anything else is a bug
-and keeps its traceback (exit code 1). Under MPI a failing rank ends the whole job, since
-its peers may be waiting for it in a collective.
+labels, teacher, run directory, and a full, read-only or forbidden filesystem) is one line
+naming the culprit and exit code 2; anything else is a bug and keeps its traceback (exit
+code 1); SIGTERM is exit code 3 (resumable: distill saves a checkpoint first, the other
+stages keep what they finished). Under MPI a failing rank ends the whole job, since its
+peers may be waiting for it in a collective. `--restart-stage` moves aside a stage's output
+made from other inputs or settings instead of refusing it (stages/guard.py).
 
 `deepspeed` appends `--local_rank=N`; it is accepted and ignored here because
 comm.detect() reads the same from the environment.
@@ -18,6 +21,9 @@ from pathlib import Path
 
 from dist_sense.config import ConfigError, RunConfig, describe
 
+STOPPED_EXIT_CODE = 3
+"""Exit code of a stage stopped by SIGTERM (distill after its checkpoint): resumable, not an error."""
+
 
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by input or config: printed as one line, not as a traceback."""
@@ -26,9 +32,19 @@ def user_errors() -> tuple[type[Exception], ...]:
     from dist_sense.formats.manifest import ManifestError
     from dist_sense.formats.shards import ShardError
     from dist_sense.model.teacher import TeacherError
+    from dist_sense.runtime.rundir import RunDirError
 
-    # Labels, checkpoint and evaluation errors are ManifestErrors.
-    return ConfigError, CorpusError, DictionaryError, ManifestError, ShardError, TeacherError
+    # Labels, checkpoint, identity and evaluation errors are ManifestErrors.
+    return ConfigError, CorpusError, DictionaryError, ManifestError, ShardError, TeacherError, RunDirError
+
+
+def disk_error(err: BaseException, cfg: RunConfig):
+    """A full, read-only or forbidden filesystem as an input error naming the path; None for other errors."""
+    if not isinstance(err, OSError):
+        return None
+    from dist_sense.runtime.rundir import describe_os_error
+
+    return describe_os_error(err, cfg.run_path)
 
 
 def run_stage(description: str, stage_run, argv: list[str] | None = None, mpi: bool = False):
@@ -40,23 +56,30 @@ def run_stage(description: str, stage_run, argv: list[str] | None = None, mpi: b
     from dist_sense import comm
     from dist_sense.runtime import process
 
-    cfg = parse_run_config(description, argv)
+    cfg, restart = parse_run_config(description, argv)
     env = comm.detect()
     process.share_cores(comm.local_world_size())
+    process.terminate_on_sigterm()
     if mpi:
         process.retain_freed_memory()
     try:
-        out = stage_run(cfg)
-    except user_errors() as err:
-        print(f"error [rank {env.rank}]: {err}", file=sys.stderr, flush=True)
+        out = stage_run(cfg, restart=True) if restart else stage_run(cfg)
+    except process.Terminated:
+        print(f"stopped [rank {env.rank}]: SIGTERM; what was finished is kept, rerun the same command to resume",
+              file=sys.stderr, flush=True)
+        _end_job(mpi and env.world_size > 1, STOPPED_EXIT_CODE)
+        raise SystemExit(STOPPED_EXIT_CODE) from None
+    except Exception as err:
+        one_line = err if isinstance(err, user_errors()) else disk_error(err, cfg)
+        if one_line is None:
+            print(f"error [rank {env.rank}]: a bug, not an input error:", file=sys.stderr, flush=True)
+            traceback.print_exc()
+            sys.stderr.flush()
+            _end_job(mpi and env.world_size > 1, 1)
+            raise
+        print(f"error [rank {env.rank}]: {one_line}", file=sys.stderr, flush=True)
         _end_job(mpi and env.world_size > 1, 2)
         raise SystemExit(2) from None
-    except Exception:
-        print(f"error [rank {env.rank}]: a bug, not an input error:", file=sys.stderr, flush=True)
-        traceback.print_exc()
-        sys.stderr.flush()
-        _end_job(mpi and env.world_size > 1, 1)
-        raise
     if env.rank == 0 or not mpi:
         print(out)
     return out
@@ -69,7 +92,8 @@ def _end_job(abort_mpi: bool, code: int) -> None:
         abort_world(code)
 
 
-def parse_run_config(description: str, argv: list[str] | None = None) -> RunConfig:
+def parse_run_config(description: str, argv: list[str] | None = None) -> tuple[RunConfig, bool]:
+    """(the run config, whether --restart-stage was given)."""
     parser = argparse.ArgumentParser(
         description=description,
         epilog="Any config key can be overridden as key=value (sections dotted, e.g. kmeans.k=10). "
@@ -79,6 +103,9 @@ def parse_run_config(description: str, argv: list[str] | None = None) -> RunConf
     parser.add_argument("--list-keys", action="store_true", help="print every config key and exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--deepspeed", help="DeepSpeed engine JSON (sets distill.ds_config)")
+    parser.add_argument("--restart-stage", action="store_true",
+                        help="when this stage's output was made from other inputs or settings, move it aside "
+                             "(OUT.replaced-<time>) and start the stage afresh, instead of refusing")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.list_keys:
@@ -89,7 +116,7 @@ def parse_run_config(description: str, argv: list[str] | None = None) -> RunConf
         overrides.append(f"distill.ds_config={args.deepspeed}")
     config = args.config or _saved_run_config(overrides)
     try:
-        return RunConfig.load(config, overrides)
+        return RunConfig.load(config, overrides), args.restart_stage
     except ConfigError as err:
         parser.exit(2, f"config error: {err}\n")
 

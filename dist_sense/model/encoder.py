@@ -107,7 +107,7 @@ class SenseEncoder:
     def load(cls, run_dir, model: str = "student", similarity: str | None = None, device=None,
              student_dir: str | None = None) -> "SenseEncoder":
         """Open RUN (its config.json and dictionary/) with the teacher or the student (RUN/student/final)."""
-        from dist_sense.model.student import load_student
+        from dist_sense.model.student import check_dictionary, load_student
         from dist_sense.model.teacher import layer_states, load_tokenizer, normalise_layer, resolve_model_path
 
         run_dir = Path(run_dir)
@@ -126,7 +126,9 @@ class SenseEncoder:
             def forward(ids, mask):
                 return layer_states(net, ids, mask, layer, n_layers)
         elif model == "student":
-            net = load_student(Path(student_dir) if student_dir else run_dir / "student" / "final", device)
+            path = Path(student_dir) if student_dir else run_dir / "student" / "final"
+            net = load_student(path, device)
+            check_dictionary(net, path, run_dir / "dictionary")
             forward = net
         else:
             raise ValueError(f"model={model!r}: use 'student' or 'teacher'")

@@ -212,6 +212,20 @@ def load_student(directory, device: str | torch.device = "cpu") -> Student:
     return Student(_without_pooler(backbone), head, info).to(device).eval()
 
 
+def check_dictionary(student: "Student", student_path: Path, dictionary_dir: Path) -> None:
+    """Refuse a student with a dictionary other than the one it was trained against: its sense
+    logits would score other senses. Students saved before run identities are let through."""
+    from dist_sense.formats.manifest import file_fingerprint
+
+    made = (student.info.get("identity") or {}).get("dictionary_fingerprint")
+    index = Path(dictionary_dir) / "index.json"
+    found = file_fingerprint([index]) if index.is_file() else None
+    if made and found and made != found:
+        raise StudentError(f"{student_path}: trained against dictionary fingerprint {made}, but {index} has {found} "
+                           f"(the dictionary was rebuilt since): rerun label and distill, or use the student with "
+                           f"the dictionary it was trained against")
+
+
 def _read_info(directory: Path) -> dict:
     path = directory / INFO_NAME
     if not path.is_file():

@@ -9,6 +9,7 @@ extract.partition=replicate (and auto on a single rank) loads a whole copy per r
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -18,7 +19,8 @@ import torch
 
 from dist_sense import comm
 from dist_sense.config import ConfigError, ModelConfig
-from dist_sense.formats.manifest import model_fingerprint, tokenizer_fingerprint
+from dist_sense.formats.identity import model_fingerprint
+from dist_sense.formats.manifest import tokenizer_fingerprint
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -92,6 +94,14 @@ def check_max_length(max_length: int, hf_config, what: str, error: type[ConfigEr
     if max_length and limit is not None and max_length > limit:
         raise error(f"corpus.max_length={max_length} is beyond the {limit} positions of {what} "
                     f"(max_position_embeddings): set corpus.max_length to at most {limit}")
+
+
+def teacher_fingerprint(model_path: Path, tokenizer_path: Path) -> str:
+    """Id of the teacher by the content of its files (config, weights, tokenizer), and of a separate tokenizer's."""
+    found = model_fingerprint(model_path)
+    if tokenizer_path.resolve() != model_path.resolve():
+        found = hashlib.sha256(f"{found}:{model_fingerprint(tokenizer_path)}".encode()).hexdigest()[:16]
+    return found
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -180,7 +190,7 @@ class Teacher:
             self.device = comm.device()
             self.module = model.to(self.device)
         self.module.eval()
-        self.fingerprint = model_fingerprint(self.path)
+        self.fingerprint = teacher_fingerprint(self.path, resolve_model_path(cfg.tokenizer or cfg.teacher))
         self.tokenizer_fingerprint = tokenizer_fingerprint(self.tokenizer)
 
     @torch.no_grad()

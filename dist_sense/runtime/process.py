@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
+import threading
 
 
 def share_cores(local_processes: int) -> None:
@@ -38,3 +40,23 @@ def retain_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 1
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameter numbers
     return bool(libc.mallopt(m_mmap_threshold, mmap_threshold)) and bool(libc.mallopt(m_trim_threshold, trim_threshold))
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived in a stage without a checkpointing handler of its own (all but distill).
+
+    A BaseException, so no `except Exception` on the way swallows it: `finally` blocks still run
+    (the stage's lock is released, a half-written shard keeps its temporary name) and the entry
+    point turns it into exit code 3, as for a stopped distill: resumable, rerun the same command."""
+
+
+def terminate_on_sigterm() -> None:
+    """SIGTERM raises Terminated in the main thread instead of ending the process on the spot."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handle(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handle)

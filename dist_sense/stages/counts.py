@@ -21,11 +21,11 @@ COUNTS_FORMAT = "dist_sense.counts"
 COUNTS_VERSION = 1
 
 
-def counts_settings(cfg: RunConfig, tokenizer_fp: str, corpus_path: str) -> dict:
-    """What the counts depend on; a counts/ made with other settings is recomputed."""
+def counts_settings(cfg: RunConfig, tokenizer_fp: str, corpus_path: str, corpus_fp: str) -> dict:
+    """What the counts depend on (the corpus by content); a counts/ made with other settings is recomputed."""
     c = cfg.corpus
     return {
-        "corpus": str(Path(corpus_path).resolve()), "text_field": c.text_field, "max_length": c.max_length,
+        "corpus_fingerprint": corpus_fp, "text_field": c.text_field, "max_length": c.max_length,
         "stride": c.stride, "max_documents": c.max_documents, "tokenizer_fingerprint": tokenizer_fp,
     }
 
@@ -57,10 +57,10 @@ def count_corpus(dataset, tokenizer, cfg: RunConfig) -> tuple[np.ndarray, dict]:
     return counts, {"tokens": int(counts.sum()), "windows": int(totals[-1]), "documents": len(dataset)}
 
 
-def run_counts(cfg: RunConfig, dataset, tokenizer, tokenizer_fp: str, corpus_path: str) -> np.ndarray:
+def run_counts(cfg: RunConfig, dataset, tokenizer, tokenizer_fp: str, corpus_path: str, corpus_fp: str) -> np.ndarray:
     """Counts for `dataset`, reused from RUN/counts when complete and matching, else computed and saved."""
     out_dir = cfg.run_path / "counts"
-    settings = counts_settings(cfg, tokenizer_fp, corpus_path)
+    settings = counts_settings(cfg, tokenizer_fp, corpus_path, corpus_fp)
     # Every rank decides the same way (same files), so all or none enter the all-reduce.
     saved = load_counts(out_dir, settings)
     if saved is not None:

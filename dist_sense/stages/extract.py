@@ -16,11 +16,13 @@ import numpy as np
 from dist_sense import comm
 from dist_sense.config import ConfigError, RunConfig
 from dist_sense.formats import corpus
-from dist_sense.formats.manifest import is_finished, write_manifest
+from dist_sense.formats.identity import corpus_fingerprint
+from dist_sense.formats.manifest import write_manifest
 from dist_sense.formats.shards import HIDDEN_FORMAT, HIDDEN_VERSION, encode_hidden, hidden_sample
 from dist_sense.model.teacher import Teacher
 from dist_sense.runtime.metrics import summary_writer
 from dist_sense.stages.counts import run_counts
+from dist_sense.stages.guard import finished_and_whole, open_stage
 from dist_sense.stages.teacher_pass import gather_progress, merge_counters, run_pass
 
 log = comm.get_logger("dist_sense.extract")
@@ -75,9 +77,10 @@ def banned_token_ids(tokenizer, stop_tokens) -> set[int]:
 
 
 def extract_settings(cfg: RunConfig, teacher: Teacher, corpus_path: str) -> dict:
-    """Everything the shards depend on; resuming with other settings is refused."""
+    """Everything the shards depend on (the corpus and the teacher by content); a rerun with other settings is refused."""
     return {
-        "corpus": str(Path(corpus_path).resolve()), "text_field": cfg.corpus.text_field,
+        "corpus_fingerprint": corpus_fingerprint(corpus_path),
+        "text_field": cfg.corpus.text_field,
         "max_length": cfg.corpus.max_length, "stride": cfg.corpus.stride, "max_documents": cfg.corpus.max_documents,
         "cap": cfg.extract.cap, "seed": cfg.extract.seed, "stop_tokens": sorted(cfg.extract.stop_tokens),
         "hidden_dtype": cfg.extract.hidden_dtype, "teacher_fingerprint": teacher.fingerprint,
@@ -120,8 +123,10 @@ class HiddenSink:
             start = end
 
 
-def run(cfg: RunConfig) -> Path:
-    """Extract capped hidden states into RUN/hidden/ and return that directory."""
+def run(cfg: RunConfig, restart: bool = False) -> Path:
+    """Extract capped hidden states into RUN/hidden/ and return that directory.
+
+    restart: move a hidden/ made from other inputs or settings aside instead of refusing (--restart-stage)."""
     env = comm.init_torch()
     out_dir = cfg.run_path / "hidden"
     corpus_path = cfg.corpus.path
@@ -129,19 +134,20 @@ def run(cfg: RunConfig) -> Path:
     teacher = Teacher(cfg.model, cfg.extract.ds_config, cfg.extract.batch_size, cfg.extract.offload, cfg.extract.nvme_path,
                       cfg.extract.partition, max_length=cfg.corpus.max_length)
     settings = extract_settings(cfg, teacher, corpus_path)
-    if env.is_main:
-        cfg.save()
-    if is_finished(out_dir, HIDDEN_FORMAT, HIDDEN_VERSION, settings):
-        log.info("%s is complete for these settings; nothing to do", out_dir)
-        return out_dir
-    counts = run_counts(cfg, dataset, teacher.tokenizer, teacher.tokenizer_fingerprint, corpus_path)
-    prob = keep_probability(counts, cfg.extract.cap, banned_token_ids(teacher.tokenizer, cfg.extract.stop_tokens))
-    sink = HiddenSink(prob, cfg.extract.seed, cfg.extract.hidden_dtype)
-    run_pass(teacher, dataset, cfg.corpus, out_dir, "hidden", settings, sink, cfg.extract.batch_size,
-             cfg.extract.shard_samples, cfg.run_path / "tb" / "extract", expected_tokens=int(counts.sum()))
-    comm.barrier()
-    _write_manifest(cfg, teacher, settings, out_dir, counts)
-    comm.barrier()
+    with open_stage(cfg, "extract", out_dir, settings, restart=restart, rank=env.rank, share=comm.broadcast_object) as stage:
+        if finished_and_whole(out_dir, HIDDEN_FORMAT, HIDDEN_VERSION, settings, env.rank, comm.broadcast_object):
+            log.info("%s is complete for these settings; nothing to do", out_dir)
+            return out_dir
+        stage.begin()
+        counts = run_counts(cfg, dataset, teacher.tokenizer, teacher.tokenizer_fingerprint, corpus_path,
+                            settings["corpus_fingerprint"])
+        prob = keep_probability(counts, cfg.extract.cap, banned_token_ids(teacher.tokenizer, cfg.extract.stop_tokens))
+        sink = HiddenSink(prob, cfg.extract.seed, cfg.extract.hidden_dtype)
+        run_pass(teacher, dataset, cfg.corpus, out_dir, "hidden", settings, sink, cfg.extract.batch_size,
+                 cfg.extract.shard_samples, cfg.run_path / "tb" / "extract", expected_tokens=int(counts.sum()))
+        comm.barrier()
+        _write_manifest(cfg, teacher, settings, out_dir, counts)
+        comm.barrier()
     return out_dir
 
 
@@ -159,6 +165,7 @@ def _write_manifest(cfg, teacher: Teacher, settings: dict, out_dir: Path, counts
     }
     body = {
         "teacher": str(teacher.path), "teacher_fingerprint": teacher.fingerprint,
+        "corpus": str(Path(cfg.corpus.path).resolve()),
         "tokenizer_fingerprint": teacher.tokenizer_fingerprint, "layer": teacher.layer, "d": teacher.d,
         "dtype": cfg.extract.hidden_dtype, "vocab_size": len(counts), "settings": settings, "totals": totals,
         "kept_per_token": {str(k): v for k, v in sorted(kept.items())}, "shards": sorted(shards, key=lambda s: s["file"]),

@@ -18,10 +18,12 @@ from dist_sense import comm
 from dist_sense.config import RunConfig
 from dist_sense.formats import corpus
 from dist_sense.formats.dictionary import DictionaryError, SenseDictionary
+from dist_sense.formats.identity import corpus_fingerprint
 from dist_sense.formats.labels import LABELS_FORMAT, LABELS_VERSION
-from dist_sense.formats.manifest import file_fingerprint, is_finished, write_manifest
+from dist_sense.formats.manifest import file_fingerprint, write_manifest
 from dist_sense.formats.shards import npy_bytes
 from dist_sense.model.teacher import Teacher
+from dist_sense.stages.guard import finished_and_whole, open_stage
 from dist_sense.stages.teacher_pass import gather_progress, merge_counters, run_pass
 
 log = comm.get_logger("dist_sense.label")
@@ -87,7 +89,8 @@ class LabelSink:
 def label_settings(cfg: RunConfig, teacher: Teacher, corpus_path: str, dictionary_fp: str) -> dict:
     lab, c = cfg.label, cfg.corpus
     return {
-        "corpus": str(Path(corpus_path).resolve()), "text_field": c.text_field, "max_length": c.max_length,
+        "corpus_fingerprint": corpus_fingerprint(corpus_path),
+        "text_field": c.text_field, "max_length": c.max_length,
         "stride": c.stride, "max_documents": c.max_documents, "similarity": lab.similarity, "soft_topk": lab.soft_topk,
         "temperature": lab.temperature, "store_hidden": lab.store_hidden, "dictionary_fingerprint": dictionary_fp,
         "teacher_fingerprint": teacher.fingerprint, "tokenizer_fingerprint": teacher.tokenizer_fingerprint,
@@ -95,8 +98,10 @@ def label_settings(cfg: RunConfig, teacher: Teacher, corpus_path: str, dictionar
     }
 
 
-def run(cfg: RunConfig) -> Path:
-    """Label the distillation corpus into RUN/labels/ and return that directory."""
+def run(cfg: RunConfig, restart: bool = False) -> Path:
+    """Label the distillation corpus into RUN/labels/ and return that directory.
+
+    restart: move a labels/ made from other inputs or settings aside instead of refusing (--restart-stage)."""
     env = comm.init_torch()
     out_dir, dict_dir = cfg.run_path / "labels", cfg.run_path / "dictionary"
     corpus_path = cfg.label.corpus_path or cfg.corpus.path
@@ -107,16 +112,16 @@ def run(cfg: RunConfig) -> Path:
                       cfg.extract.partition, max_length=cfg.corpus.max_length)
     check_teacher_matches(dictionary, teacher)
     settings = label_settings(cfg, teacher, corpus_path, dictionary_fp)
-    if env.is_main:
-        cfg.save()
-    if is_finished(out_dir, LABELS_FORMAT, LABELS_VERSION, settings):
-        log.info("%s is complete for these settings; nothing to do", out_dir)
-        return out_dir
-    run_pass(teacher, dataset, cfg.corpus, out_dir, "labels", settings, LabelSink(dictionary, cfg),
-             cfg.label.batch_size, cfg.label.shard_samples, cfg.run_path / "tb" / "label")
-    comm.barrier()
-    _write_manifest(cfg, teacher, settings, out_dir)
-    comm.barrier()
+    with open_stage(cfg, "label", out_dir, settings, restart=restart, rank=env.rank, share=comm.broadcast_object) as stage:
+        if finished_and_whole(out_dir, LABELS_FORMAT, LABELS_VERSION, settings, env.rank, comm.broadcast_object):
+            log.info("%s is complete for these settings; nothing to do", out_dir)
+            return out_dir
+        stage.begin()
+        run_pass(teacher, dataset, cfg.corpus, out_dir, "labels", settings, LabelSink(dictionary, cfg),
+                 cfg.label.batch_size, cfg.label.shard_samples, cfg.run_path / "tb" / "label")
+        comm.barrier()
+        _write_manifest(cfg, teacher, settings, out_dir)
+        comm.barrier()
     return out_dir
 
 
@@ -127,6 +132,7 @@ def _write_manifest(cfg: RunConfig, teacher: Teacher, settings: dict, out_dir: P
     totals = merge_counters(states).get("totals", Counter())
     body = {
         "teacher": str(teacher.path), "teacher_fingerprint": teacher.fingerprint,
+        "corpus": str(Path(cfg.label.corpus_path or cfg.corpus.path).resolve()),
         "tokenizer_fingerprint": teacher.tokenizer_fingerprint, "dictionary_fingerprint": settings["dictionary_fingerprint"],
         "layer": teacher.layer, "d": teacher.d, "similarity": cfg.label.similarity, "soft_topk": cfg.label.soft_topk,
         "temperature": cfg.label.temperature, "store_hidden": cfg.label.store_hidden, "settings": settings,

@@ -17,6 +17,7 @@ from dist_sense.formats import corpus, manifest
 from dist_sense.formats.dictionary import SenseDictionary
 from dist_sense.formats.labels import LABELS_FORMAT, LABELS_VERSION
 from dist_sense.formats.shards import RankShardWriter, npy_bytes
+from dist_sense.model.teacher import teacher_fingerprint
 
 
 def teacher_windows(teacher_dir, n_docs: int, max_length: int, seed: int):
@@ -50,7 +51,7 @@ def write_dictionary(out_dir, tokenizer, model, teacher_dir, windows, states, se
         centroids.extend(vecs[pick])
         offsets.append(len(centroids))
     meta = {"tokenizer_fingerprint": manifest.tokenizer_fingerprint(tokenizer),
-            "teacher_fingerprint": manifest.model_fingerprint(teacher_dir),
+            "teacher_fingerprint": teacher_fingerprint(teacher_dir, teacher_dir),
             "layer": model.config.num_hidden_layers, "vocab_size": len(tokenizer), "teacher": str(teacher_dir)}
     SenseDictionary(token_ids, offsets, np.stack(centroids).astype(np.float32), meta=meta).save(out_dir)
     return SenseDictionary.load(out_dir)
@@ -101,7 +102,7 @@ def make_run(run_dir, teacher_dir, n_docs: int = 48, max_length: int = 16, sense
         totals["labelled"] += int((sense >= 0).sum())
     for writer in writers:
         writer.close()
-    body = {"teacher": str(teacher_dir), "teacher_fingerprint": manifest.model_fingerprint(teacher_dir),
+    body = {"teacher": str(teacher_dir), "teacher_fingerprint": teacher_fingerprint(teacher_dir, teacher_dir),
             "tokenizer_fingerprint": manifest.tokenizer_fingerprint(tokenizer),
             "dictionary_fingerprint": manifest.file_fingerprint([run_dir / "dictionary" / "index.json"]),
             "layer": model.config.num_hidden_layers, "d": dictionary.d, "similarity": "dot", "soft_topk": soft_topk,

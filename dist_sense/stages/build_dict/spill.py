@@ -103,6 +103,7 @@ class TileSpill:
         self._blocks: list = []  # (tiles, rows, meta) of many samples each
         self._blocks_bytes = 0
         self._held: dict[int, list] = {}  # after seal: tile -> [(rows, meta, indices) per block]
+        self.counted = {"samples": 0, "vectors": 0}  # what fill read, kept or not: checked against the manifest
 
     def fill(self, units: Iterable[tuple[Path, int, int]], plan: TilePlan, todo: list[int], seed: int,
              poll: Callable[[], object] = lambda: None, shard_numbers: dict[str, int] | None = None) -> None:
@@ -123,6 +124,8 @@ class TileSpill:
                 for origin, sample in enumerate(samples, first):
                     poll()
                     tokens = sample["tokens"]
+                    self.counted["samples"] += 1
+                    self.counted["vectors"] += len(tokens)
                     inside = (tokens >= 0) & (tokens < len(tile_map))
                     tiles = np.where(inside, tile_map[np.where(inside, tokens, 0)], -1)
                     keep = np.flatnonzero(tiles >= 0)

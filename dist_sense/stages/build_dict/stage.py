@@ -24,6 +24,8 @@ import numpy as np
 from dist_sense import kmeans
 from dist_sense.comm import LocalComm, SharedCounter, get_logger, open_comm
 from dist_sense.formats.dictionary import shard_entry, write_index
+from dist_sense.formats.identity import file_digest
+from dist_sense.formats.shards import ShardError
 from dist_sense.runtime import backend
 from dist_sense.runtime.faults import crash_point
 from dist_sense.stages.build_dict.finish import FinishedTile, TileFinisher, finished_tile
@@ -35,51 +37,85 @@ from dist_sense.stages.build_dict.plan import (
     unfinished_tiles,
 )
 from dist_sense.stages.build_dict.spill import TileSpill, work_units
+from dist_sense.stages.guard import on_rank0, open_stage
 
 log = get_logger("dist_sense.build_dict")
 
 
-def run(cfg) -> Path:
-    """Build (or finish) RUN/dictionary from RUN/hidden; returns the dictionary directory."""
+def run(cfg, restart: bool = False) -> Path:
+    """Build (or finish) RUN/dictionary from RUN/hidden; returns the dictionary directory.
+
+    restart: move a dictionary/ made from other hidden states or settings aside instead of refusing."""
     comm = open_comm()
     xp = backend.get_xp(comm.local_rank)
     hidden_dir, out_dir = cfg.run_path / "hidden", cfg.run_path / "dictionary"
     hidden = read_hidden_manifest(hidden_dir)
     plan = plan_tiles(hidden, cfg.kmeans)
     settings = settings_fingerprint(hidden, cfg.kmeans)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    todo = comm.bcast(unfinished_tiles(out_dir, plan, settings) if comm.rank == 0 else None)
-    log.info("%d tiles of up to %d tokens, %d to build, %d ranks on %s", len(plan.tiles), cfg.kmeans.tile_tokens,
-             len(todo), comm.world, backend.name(xp))
-    written: dict[int, dict] = {}  # index entries of the tiles built now (rank 0)
-    if todo:
-        units = work_units([(s["file"], s["samples"]) for s in hidden["shards"]], FILL_UNIT_SAMPLES,
-                           tail_samples=2 * comm.world * FILL_UNIT_SAMPLES, tail_unit=FILL_UNIT_SAMPLES // 4)
-        spill = TileSpill(out_dir / ".work" / f"rank-{comm.rank:03d}", hidden["dtype"], int(hidden["d"]),
-                          cfg.memory.spill_mb << 20)
-        numbers = {file: i for i, file in enumerate(sorted(s["file"] for s in hidden["shards"]))}  # as on any rank
-        with comm.work_counter() as counter:
-            spill.fill(_claimed(units, hidden_dir, counter), plan, todo, cfg.kmeans.seed, poll=counter.poll,
-                       shard_numbers=numbers)
-        spill.seal()  # after the counter's closing barrier: see TileSpill.seal
-        metrics = Metrics(cfg.run_path / "tb" / "kmeans", enabled=comm.rank == 0)
-        finisher = TileFinisher(comm, spill, out_dir, settings, cfg.kmeans.examples_per_sense,
-                                cfg.memory.held_results_mb << 20, metrics.senses)
-        for tile in _progress(todo, comm.rank == 0):
-            finisher.add(build_tile(tile, plan, spill, comm, cfg.kmeans, xp, metrics))
-            crash_point("build_dict.tile")
-        finisher.flush()
-        written = finisher.entries
-        metrics.close()
-        spill.remove()
-    comm.barrier()
-    if comm.rank == 0:
-        entries = [written.get(tile) or shard_entry(out_dir, tile) for tile in range(len(plan.tiles))]
-        write_index(out_dir, index_body(hidden, hidden_dir, cfg.kmeans, plan, entries, settings), entries)
-        shutil.rmtree(out_dir / ".work", ignore_errors=True)
-        log.info("wrote %s", out_dir / "index.json")
-    comm.barrier()
+    identity = {"hidden_manifest": file_digest(hidden_dir / "manifest.json"), "kmeans": asdict(cfg.kmeans)}
+    with open_stage(cfg, "build_dict", out_dir, identity, restart=restart, rank=comm.rank, share=comm.bcast) as stage:
+        todo = on_rank0(lambda: _todo(out_dir, plan, settings, stage), comm.rank, comm.bcast)
+        if todo is None:
+            log.info("%s is complete for these settings; nothing to do", out_dir)
+            return out_dir
+        log.info("%d tiles of up to %d tokens, %d to build, %d ranks on %s", len(plan.tiles), cfg.kmeans.tile_tokens,
+                 len(todo), comm.world, backend.name(xp))
+        written = _build(cfg, comm, xp, hidden, hidden_dir, out_dir, plan, settings, todo) if todo else {}
+        comm.barrier()
+        if comm.rank == 0:
+            entries = [written.get(tile) or shard_entry(out_dir, tile) for tile in range(len(plan.tiles))]
+            write_index(out_dir, index_body(hidden, hidden_dir, cfg.kmeans, plan, entries, settings), entries)
+            shutil.rmtree(out_dir / ".work", ignore_errors=True)
+            log.info("wrote %s", out_dir / "index.json")
+        comm.barrier()
     return out_dir
+
+
+def _todo(out_dir: Path, plan: TilePlan, settings: str, stage) -> list[int] | None:
+    """Rank 0: the tiles left to build; None when index.json exists and every tile's shard is final."""
+    if stage.resumed and (out_dir / "index.json").is_file() and not unfinished_tiles(out_dir, plan, settings,
+                                                                                       remove=False):
+        return None
+    stage.begin()
+    todo = unfinished_tiles(out_dir, plan, settings)
+    if todo:
+        (out_dir / "index.json").unlink(missing_ok=True)  # rebuilding: the dictionary is not complete meanwhile
+    return todo
+
+
+def _build(cfg, comm, xp, hidden: dict, hidden_dir: Path, out_dir: Path, plan: TilePlan, settings: str,
+           todo: list[int]) -> dict[int, dict]:
+    """Read hidden/ into per-tile spills, cluster and write the `todo` tiles; their index entries (rank 0)."""
+    units = work_units([(s["file"], s["samples"]) for s in hidden["shards"]], FILL_UNIT_SAMPLES,
+                       tail_samples=2 * comm.world * FILL_UNIT_SAMPLES, tail_unit=FILL_UNIT_SAMPLES // 4)
+    spill = TileSpill(out_dir / ".work" / f"rank-{comm.rank:03d}", hidden["dtype"], int(hidden["d"]),
+                      cfg.memory.spill_mb << 20)
+    numbers = {file: i for i, file in enumerate(sorted(s["file"] for s in hidden["shards"]))}  # as on any rank
+    with comm.work_counter() as counter:
+        spill.fill(_claimed(units, hidden_dir, counter), plan, todo, cfg.kmeans.seed, poll=counter.poll,
+                   shard_numbers=numbers)
+    spill.seal()  # after the counter's closing barrier: see TileSpill.seal
+    check_read_totals(hidden_dir, hidden, comm.allreduce(np.array([spill.counted["samples"], spill.counted["vectors"]])))
+    metrics = Metrics(cfg.run_path / "tb" / "kmeans", enabled=comm.rank == 0)
+    finisher = TileFinisher(comm, spill, out_dir, settings, cfg.kmeans.examples_per_sense,
+                            cfg.memory.held_results_mb << 20, metrics.senses)
+    for tile in _progress(todo, comm.rank == 0):
+        finisher.add(build_tile(tile, plan, spill, comm, cfg.kmeans, xp, metrics))
+        crash_point("build_dict.tile")
+    finisher.flush()
+    metrics.close()
+    spill.remove()
+    return finisher.entries
+
+
+def check_read_totals(hidden_dir: Path, hidden: dict, read: np.ndarray) -> None:
+    """What the ranks read together must be what the manifest promises (its shard list and totals)."""
+    samples = sum(int(s["samples"]) for s in hidden["shards"])
+    vectors = int(hidden.get("totals", {}).get("vectors_kept", sum(int(v) for v in hidden["kept_per_token"].values())))
+    if int(read[0]) != samples or int(read[1]) != vectors:
+        raise ShardError(f"{hidden_dir / 'manifest.json'}: promises {samples} samples and {vectors} vectors, but its "
+                         f"shards hold {int(read[0])} samples and {int(read[1])} vectors: the manifest or a shard was "
+                         f"changed after extract wrote them; rerun extract (--restart-stage)")
 
 
 FILL_UNIT_SAMPLES = 128

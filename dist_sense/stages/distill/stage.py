@@ -43,6 +43,7 @@ from dist_sense.stages.distill.checkpoints import (  # noqa: F401
     seed_everything,
 )
 from dist_sense.stages.distill.stopping import STOPPED_EXIT_CODE, StopOnSignal, stopped  # noqa: F401
+from dist_sense.stages.guard import open_stage
 
 log = comm.get_logger("dist_sense.distill")
 
@@ -110,8 +111,10 @@ def run_identity(cfg: RunConfig, labels_manifest: dict) -> dict:
             "freeze_embeddings": cfg.distill.freeze_embeddings}
 
 
-def prepare(cfg: RunConfig, world_size: int) -> dict:
-    """Every check that needs no process group: dictionary, labels, loss inputs, batches, checkpoints."""
+def prepare(cfg: RunConfig, world_size: int, check_checkpoints: bool = True) -> dict:
+    """Every check that needs no process group: dictionary, labels, loss inputs, batches, checkpoints.
+
+    check_checkpoints: False with --restart-stage, which moves the checkpoints aside anyway."""
     dictionary = SenseDictionary.load(cfg.run_path / "dictionary")
     labels_dir = cfg.run_path / "labels"
     manifest = read_labels_manifest(labels_dir)
@@ -122,7 +125,8 @@ def prepare(cfg: RunConfig, world_size: int) -> dict:
     micro, accum = cfg.distill.batch_split(world_size)
     identity = run_identity(cfg, manifest)
     ckpt_dir = student_dir(cfg) / "checkpoints"
-    check_checkpoint_identity(ckpt_dir, identity)
+    if check_checkpoints:
+        check_checkpoint_identity(ckpt_dir, identity)
     return {"dictionary": dictionary, "manifest": manifest, "micro": micro, "accum": accum,
             "identity": identity, "ckpt_dir": ckpt_dir}
 
@@ -254,20 +258,42 @@ def _step_of(line: str) -> float:
 # ----------------------------------------------------------------------------- the stage
 
 
-def run(cfg: RunConfig) -> Path:
+def run(cfg: RunConfig, restart: bool = False) -> Path:
     """Distil the student into RUN/student/ (resuming from its newest checkpoint) and return that directory.
 
-    On SIGTERM: a checkpoint at the next step, then SystemExit(STOPPED_EXIT_CODE) on every rank."""
+    On SIGTERM: a checkpoint at the next step, then SystemExit(STOPPED_EXIT_CODE) on every rank.
+    restart: move a student/ trained from other labels or settings aside instead of refusing."""
     with StopOnSignal() as stop:  # installed before the (slow) start, so an early signal stops cleanly too
-        return _run(cfg, stop)
+        env = comm.init_torch()
+        plan = prepare(cfg, env.world_size, check_checkpoints=not restart)
+        out_dir = student_dir(cfg)
+        with open_stage(cfg, "distill", out_dir, stage_identity(cfg, plan["identity"]), restart=restart,
+                        rank=env.rank, share=comm.broadcast_object) as stage:
+            if stage.resumed and (out_dir / "final" / "config.json").is_file():
+                log.info("%s is complete for these settings; nothing to do", out_dir / "final")
+                return out_dir
+            stage.begin()
+            return _run(cfg, env, plan, out_dir, stop)
 
 
-def _run(cfg: RunConfig, stop: StopOnSignal) -> Path:
-    env = comm.init_torch()
-    plan = prepare(cfg, env.world_size)
-    out_dir = student_dir(cfg)
-    if env.is_main:
-        cfg.save()
+OPERATIONAL_KEYS = ("eval_every", "save_every")
+"""distill keys that change how often the run reports and saves, not the weights it ends with."""
+
+
+def stage_identity(cfg: RunConfig, checkpoint_identity: dict) -> dict:
+    """What RUN/student depends on: the checkpoints' identity (labels, dictionary, teacher, student
+    shape) plus every distill setting that changes the weights, and the engine config's content."""
+    from dataclasses import asdict
+
+    from dist_sense.formats.identity import file_digest
+
+    settings = {k: v for k, v in asdict(cfg.distill).items() if k not in OPERATIONAL_KEYS}
+    engine = Path(cfg.distill.ds_config)
+    settings["ds_config"] = file_digest(engine) if engine.is_file() else cfg.distill.ds_config
+    return {**checkpoint_identity, "distill": settings}
+
+
+def _run(cfg: RunConfig, env, plan: dict, out_dir: Path, stop: StopOnSignal) -> Path:
     tokenizer = load_tokenizer(cfg.model)
     seed_everything(cfg.distill.seed)  # the same initial student on every rank
     student = build_student(cfg, plan["dictionary"].d)

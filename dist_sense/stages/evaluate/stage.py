@@ -56,13 +56,15 @@ def teacher_net(cfg: RunConfig, device):
     return net, lambda ids, mask: layer_states(net, ids, mask, layer, n_layers)
 
 
-def saved_student(path: Path, what: str, device):
-    from dist_sense.model.student import INFO_NAME, load_student
+def saved_student(path: Path, what: str, device, dictionary_dir: Path):
+    from dist_sense.model.student import INFO_NAME, check_dictionary, load_student
 
     if not (path / INFO_NAME).is_file():
         raise EvalError(f"{path}: no {what} here (no {INFO_NAME}); run launcher/distill.py first "
                         f"or point the config at a saved student")
-    return load_student(path, device)
+    student = load_student(path, device)
+    check_dictionary(student, path, dictionary_dir)
+    return student
 
 
 def untrained_student(cfg: RunConfig, trained, d: int, device):
@@ -83,13 +85,14 @@ def open_encoders(cfg: RunConfig, tokenizer, dictionary: SenseDictionary, device
                             max_length=min(int(tokenizer.model_max_length or 512), 512))
 
     student_dir = cfg.run_path / "student" / "final"
-    student = saved_student(student_dir, "distilled student", device)
+    student = saved_student(student_dir, "distilled student", device, cfg.run_path / "dictionary")
     encoders = {"student": wrap(student), "teacher": wrap(*teacher_net(cfg, device)),
                 "student_no_kd": wrap(untrained_student(cfg, student, dictionary.d, device)), "student_mse": None}
     # The MSE baseline is optional unless the config names it.
     mse_dir = Path(cfg.eval.mse_student) if cfg.eval.mse_student else cfg.run_path / "student_mse" / "final"
     if cfg.eval.mse_student or (mse_dir / "student.json").is_file():
-        encoders["student_mse"] = wrap(saved_student(mse_dir, "MSE baseline student (eval.mse_student)", device))
+        encoders["student_mse"] = wrap(saved_student(mse_dir, "MSE baseline student (eval.mse_student)", device,
+                                                         cfg.run_path / "dictionary"))
     else:
         notes["skipped"]["student_mse"] = (f"{mse_dir} does not exist: distill with distill.loss=mse "
                                            f"(or set eval.mse_student) to evaluate the MSE baseline")
@@ -229,14 +232,25 @@ def sense_pictures(cfg: RunConfig, encoder: SenseEncoder, notes: dict, held_out:
             "projector": str(projector)}
 
 
-def run(cfg: RunConfig) -> Path:
-    """Evaluate RUN's dictionary and students into RUN/eval/ (metrics.json, details.json, report.md)."""
-    from dist_sense.model.teacher import load_tokenizer
-    from dist_sense.stages.evaluate.report import write_report
+def run(cfg: RunConfig, restart: bool = False) -> Path:
+    """Evaluate RUN's dictionary and students into RUN/eval/ (metrics.json, details.json, report.md).
+
+    Every run evaluates anew and replaces eval/ (restart changes nothing here); one at a time
+    per run directory (RUN/.lock-eval)."""
+    from dist_sense.runtime.rundir import RunLock, check_writable
 
     out_dir = cfg.run_path / "eval"
     if not comm.detect().is_main:  # one process does all of it; other ranks have nothing to add
         return out_dir
+    check_writable(cfg.run_path, "run_dir of evaluate")
+    with RunLock(cfg.run_path, "eval", "evaluate"):
+        return _evaluate(cfg, out_dir)
+
+
+def _evaluate(cfg: RunConfig, out_dir: Path) -> Path:
+    from dist_sense.model.teacher import load_tokenizer
+    from dist_sense.stages.evaluate.report import write_report
+
     dictionary = SenseDictionary.load(cfg.run_path / "dictionary")
     tokenizer = load_tokenizer(cfg.model)
     dictionary.check_tokenizer(tokenizer)
