@@ -189,3 +189,13 @@ def run_deepspeed(script, args=(), nproc: int = 2, timeout: float = 300, env=Non
 def run_mpirun(script, args=(), nproc: int = 2, timeout: float = 300, env=None, check: bool = True):
     """`mpirun -n N python script args` as a subprocess."""
     return run_command(mpirun_cmd(script, args, nproc), timeout=timeout, env=env, check=check)
+
+
+def edit_manifest(path: str | Path, change) -> Path:
+    """Rewrite a manifest (or index.json) with `change` applied (a dict to merge, or a function of the
+    old content) and a valid checksum: a consistent but different manifest, as another run would write."""
+    from dist_sense.formats import manifest
+
+    data = json.loads(Path(path).read_text())
+    data = change(data) if callable(change) else {**data, **change}
+    return manifest.atomic_write_json(path, manifest.with_checksum(data))

@@ -15,6 +15,7 @@ from dist_sense.formats import manifest, shards
 from dist_sense.formats.dictionary import SenseDictionary, shard_name
 from dist_sense.stages.build_dict import stage as build_dict
 from dist_sense.stages.build_dict.plan import plan_tiles, read_hidden_manifest
+from dist_sense.stages.guard import IdentityError
 
 N_TOKENS, FIRST_TOKEN, VOCAB, D = 20, 5, 40, 8
 RARE_TOKEN, FEW_TOKEN = 30, 31  # under min_count; fewer vectors than k
@@ -137,9 +138,13 @@ def test_resume_rebuilds_only_missing_tile(tmp_path):
     assert changed == ["senses-00001.examples.json", shard_name(1)]
     for key, value in load_arrays(out).items():
         np.testing.assert_array_equal(value, before[key], err_msg=key)
-    # other settings make every tile stale
-    build_dict.run(make_config(tmp_path, k=2))
-    assert all(p.stat().st_mtime_ns != stamps[p.name] for p in out.glob("senses-*.safetensors"))
+    # other settings are refused, naming the difference; --restart-stage moves the old dictionary aside
+    with pytest.raises(IdentityError, match=r"kmeans.k: was 3, now 2"):
+        build_dict.run(make_config(tmp_path, k=2))
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("senses-*")} == after
+    build_dict.run(make_config(tmp_path, k=2), restart=True)
+    assert json.loads((out / "index.json").read_text())["k"] == 2
+    assert [p.name for p in out.parent.glob("dictionary.replaced-*")]
 
 
 def test_memory_budgets_rebuild_nothing(tmp_path):
@@ -161,11 +166,10 @@ def test_missing_manifest(tmp_path):
 
 def test_foreign_manifest_version(tmp_path):
     hidden_dir = make_hidden_dir(tmp_path)
-    data = json.loads((hidden_dir / "manifest.json").read_text())
-    manifest.atomic_write_json(hidden_dir / "manifest.json", {**data, "version": 99})
+    testing.edit_manifest(hidden_dir / "manifest.json", {"version": 99})
     with pytest.raises(manifest.ManifestError, match=r"manifest.json: dist_sense.hidden version 99"):
         build_dict.run(make_config(tmp_path))
-    manifest.atomic_write_json(hidden_dir / "manifest.json", {**data, "format": "dist_sense.labels"})
+    testing.edit_manifest(hidden_dir / "manifest.json", {"version": 1, "format": "dist_sense.labels"})
     with pytest.raises(manifest.ManifestError, match=r"manifest.json: format is 'dist_sense.labels'"):
         build_dict.run(make_config(tmp_path))
 

@@ -112,7 +112,7 @@ def test_load_errors_name_the_file(tmp_path):
     small_dictionary().save(tmp_path / "dict", tokens_per_shard=2)
     index_path = tmp_path / "dict" / "index.json"
     index = json.loads(index_path.read_text())
-    manifest.atomic_write_json(index_path, {**index, "version": 7})
+    testing.edit_manifest(index_path, {"version": 7})
     with pytest.raises(manifest.ManifestError, match="index.json: dist_sense.dictionary version 7"):
         SenseDictionary.load(tmp_path / "dict")
     manifest.atomic_write_json(index_path, index)

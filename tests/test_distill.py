@@ -154,7 +154,7 @@ def test_labels_from_another_dictionary_are_refused(inputs, tiny_llama, tmp_path
     run_dir = copy_inputs(inputs, tmp_path)
     index = run_dir / "dictionary" / "index.json"
     original = index.read_text()
-    index.write_text(json.dumps({**json.loads(original), "kmeans": "rebuilt"}))  # another dictionary: another fingerprint
+    testing.edit_manifest(index, {"kmeans": "rebuilt"})  # another dictionary: another fingerprint
     made_with = read_labels_manifest(run_dir / "labels")["dictionary_fingerprint"]
     with pytest.raises(LabelsError) as err:
         distill.prepare(config_for(run_dir, tiny_llama), world_size=2)
@@ -163,7 +163,7 @@ def test_labels_from_another_dictionary_are_refused(inputs, tiny_llama, tmp_path
 
     index.write_text(original)
     labels_manifest = run_dir / "labels" / "manifest.json"
-    labels_manifest.write_text(json.dumps({**json.loads(labels_manifest.read_text()), "tokenizer_fingerprint": "feedface"}))
+    testing.edit_manifest(labels_manifest, {"tokenizer_fingerprint": "feedface"})
     with pytest.raises(LabelsError, match=r"tokenizer fingerprint feedface, but .*index.json has [0-9a-f]{16}"):
         distill.prepare(config_for(run_dir, tiny_llama), world_size=2)
 
@@ -277,6 +277,7 @@ def copy_finished_run(source: Path, inputs: Path, run_dir: Path) -> Path:
     copy_inputs(inputs, run_dir)
     shutil.copytree(source / "student" / "checkpoints", run_dir / "student" / "checkpoints")
     shutil.copy(source / "student" / "metrics.jsonl", run_dir / "student" / "metrics.jsonl")
+    shutil.copy(source / "student" / "identity.json", run_dir / "student" / "identity.json")
     return run_dir
 
 

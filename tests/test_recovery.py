@@ -2,6 +2,10 @@
 to just before the first shard that is gone, and a rerun rewrites it byte for byte."""
 import json
 import logging
+import shutil
+import signal
+import subprocess
+import time
 from collections import Counter
 
 import helpers as testing
@@ -149,8 +153,64 @@ def test_a_deleted_middle_shard_is_rebuilt_byte_identical(tiny_llama, tmp_path):
     middle = sorted(first)[len(first) // 2]
     (hidden / middle).unlink()
     assert missing_shards(hidden, manifest) == [middle]
-    (hidden / "manifest.json").unlink()  # what extract does itself when missing_shards is not empty
-    rerun = testing.run_command(args, timeout=300)
+    rerun = testing.run_command(args, timeout=300)  # finds the manifest, sees the shard missing, reopens the stage
+    assert "the stage is not complete: rebuilding them" in rerun.stderr and middle in rerun.stderr
     assert f"{middle} is missing" in rerun.stderr and "rolls back" in rerun.stderr
     assert {p.name: p.read_bytes() for p in hidden.glob("hidden-*.tar")} == first
     assert json.loads((hidden / "manifest.json").read_text()) == manifest
+
+
+def sigterm_midway(cmd: list[str], env: dict, started, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `cmd`, send it SIGTERM once `started()` is true, and return how it ended."""
+    proc = subprocess.Popen(cmd, cwd=testing.REPO_ROOT, env=testing.launch_env(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + timeout
+        while not started() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_extract_with_code_3_and_the_rerun_finishes_it_alike(tiny_llama, tmp_path):
+    docs = testing.write_toy_corpus(tmp_path / "docs.jsonl", n_docs=120, seed=1)
+    whole = tmp_path / "whole"
+    testing.run_command(["python", "launcher/extract.py", *extract_args(whole, tiny_llama, docs)], timeout=300)
+    run = tmp_path / "run"
+    args = ["python", "launcher/extract.py", *extract_args(run, tiny_llama, docs)]
+    stopped = sigterm_midway(args, {"DIST_SENSE_SLOW": "hidden.window:0.05"},
+                             lambda: len(list((run / "hidden").glob("hidden-*.tar"))) >= 2)
+    assert stopped.returncode == 3, stopped.stderr[-3000:]
+    assert "stopped [rank 0]: SIGTERM" in stopped.stderr.strip().splitlines()[-1]
+    assert not (run / "hidden" / "manifest.json").exists() and not (run / ".lock-hidden").exists()
+    testing.run_command(args, timeout=300)
+    first = {p.name: p.read_bytes() for p in (whole / "hidden").glob("hidden-*.tar")}
+    assert {p.name: p.read_bytes() for p in (run / "hidden").glob("hidden-*.tar")} == first
+    assert (json.loads((run / "hidden" / "manifest.json").read_text())["totals"]
+            == json.loads((whole / "hidden" / "manifest.json").read_text())["totals"])
+
+
+@pytest.mark.slow
+def test_sigterm_stops_build_dict_with_code_3_and_the_rerun_finishes_it_alike(tiny_llama, tmp_path):
+    docs = testing.write_toy_corpus(tmp_path / "docs.jsonl", n_docs=120, seed=1)
+    run = tmp_path / "run"
+    testing.run_command(["python", "launcher/extract.py", *extract_args(run, tiny_llama, docs)], timeout=300)
+    build = ["python", "launcher/build_dict.py", f"run_dir={run}", "kmeans.k=3", "kmeans.tile_tokens=4",
+             "memory.held_results_mb=0"]
+    testing.run_command(build, timeout=300)
+    whole = {p.name: p.read_bytes() for p in (run / "dictionary").iterdir() if p.name.startswith("senses-")}
+    index = (run / "dictionary" / "index.json").read_bytes()
+    shutil.rmtree(run / "dictionary")
+    stopped = sigterm_midway(build, {"DIST_SENSE_SLOW": "build_dict.tile:0.5"},
+                             lambda: len(list((run / "dictionary").glob("senses-*.safetensors"))) >= 2)
+    assert stopped.returncode == 3, stopped.stderr[-3000:]
+    assert not (run / "dictionary" / "index.json").exists() and not (run / ".lock-dictionary").exists()
+    testing.run_command(build, timeout=300)
+    assert (run / "dictionary" / "index.json").read_bytes() == index
+    assert {p.name: p.read_bytes() for p in (run / "dictionary").iterdir() if p.name.startswith("senses-")} == whole

@@ -8,10 +8,14 @@ On disk (RUN/dictionary/):
   index.json                 format, version, teacher and tokenizer fingerprints, layer, d, dtype,
                              k policy, k-means settings, the shard list with token ranges, totals
 Shard files are written to a temporary name and renamed; index.json is written last.
+Checksums: a shard's header records the crc32 of each tensor ("crc32") and of its examples file
+("examples_crc32"); its index.json entry copies them ("tensor_crc32", "examples_crc32") beside the
+file's size and crc32 ("bytes", "crc32"). Every read checks the tensors; load checks the rest.
 """
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -49,11 +53,15 @@ def write_shard(directory, index: int, arrays: dict, examples: dict | None = Non
     from safetensors.numpy import save
 
     directory = Path(directory)
+    meta = {"format": DICT_FORMAT, "shard": str(index), "info": json.dumps(info or {}, sort_keys=True)}
     if examples is not None:
         body = {"format": DICT_FORMAT + ".examples", "tokens": {str(t): ex for t, ex in examples.items()}}
-        manifest.atomic_write_bytes(directory / examples_name(index), json.dumps(body, ensure_ascii=False).encode())
+        data = json.dumps(body, ensure_ascii=False).encode()
+        manifest.atomic_write_bytes(directory / examples_name(index), data)
+        meta["examples_crc32"] = str(zlib.crc32(data))
     tensors = {key: np.ascontiguousarray(arrays[key]) for key in ARRAYS}
-    meta = {"format": DICT_FORMAT, "shard": str(index), "info": json.dumps(info or {}, sort_keys=True)}
+    meta["crc32"] = json.dumps({key: zlib.crc32(t.reshape(-1).view(np.uint8)) for key, t in tensors.items()},
+                               sort_keys=True)
     return manifest.atomic_write_bytes(directory / shard_name(index), _canonical_header(save(tensors, metadata=meta)))
 
 
@@ -71,9 +79,15 @@ def _canonical_header(blob: bytes) -> bytes:
     return struct.pack("<Q", len(header)) + header + blob[8 + length :]
 
 
-def read_shard(path, mmap: bool = True) -> tuple[dict, dict]:
-    """(arrays, info) of one shard; arrays are numpy memory maps of the file when `mmap`."""
-    path = Path(path)
+def read_shard(path, mmap: bool = True, entry: dict | None = None) -> tuple[dict, dict]:
+    """(arrays, info) of one shard, every tensor checked against the crc32 its header records, with `entry` (its
+    index.json entry) the file's size and crc32 too; arrays are numpy memory maps of the file when `mmap`."""
+    arrays, info, _ = _read_checked(Path(path), mmap, entry)
+    return arrays, info
+
+
+def _read_checked(path: Path, mmap: bool, entry: dict | None) -> tuple[dict, dict, dict]:
+    """read_shard's work, plus the shard's checksums: {"bytes", "crc32", "tensor_crc32"[, "examples_crc32"]}."""
     if not path.is_file():
         raise DictionaryError(f"{path}: dictionary shard is missing (rerun build_dict)")
     size = path.stat().st_size
@@ -88,10 +102,38 @@ def read_shard(path, mmap: bool = True) -> tuple[dict, dict]:
             raise ValueError(f"format is {meta.get('format')!r}, expected {DICT_FORMAT!r}")
         arrays = {key: _map_tensor(path, header[key], 8 + header_len, size, mmap) for key in ARRAYS}
         info = json.loads(meta.get("info", "{}"))
+        recorded = json.loads(meta.get("crc32", "{}"))
+        examples = {"examples_crc32": int(meta["examples_crc32"])} if "examples_crc32" in meta else {}
     except (ValueError, KeyError, TypeError, OSError) as err:
         raise DictionaryError(f"{path}: not a readable dictionary shard ({err}); delete it and rerun build_dict") from None
+    if sorted(recorded) != sorted(ARRAYS) or not all(type(crc) is int for crc in recorded.values()):
+        raise DictionaryError(f"{path}: its header records no tensor checksums (written before shards carried them?); "
+                              "delete it and rerun build_dict")
+    spans = {key: [8 + header_len + at for at in header[key]["data_offsets"]] for key in ARRAYS}
+    whole, found = _stream_crcs(path, spans)
+    for key in ARRAYS:
+        if found[key] != recorded[key]:
+            raise DictionaryError(f"{path}: tensor {key!r} is corrupted (crc32 {found[key]:08x}, its header records "
+                                  f"{recorded[key]:08x}); delete it and rerun build_dict")
+    if entry is not None and (entry.get("bytes"), entry.get("crc32")) != (size, whole):
+        raise DictionaryError(f"{path}: {size} bytes of crc32 {whole}, but its {INDEX_NAME} entry says {entry.get('bytes')}"
+                              f" bytes of crc32 {entry.get('crc32')}: the file is truncated, damaged or from another "
+                              "build; delete it and rerun build_dict")
     _check_csr(path, arrays)
-    return arrays, info
+    return arrays, info, {"bytes": size, "crc32": whole, "tensor_crc32": recorded, **examples}
+
+
+def _stream_crcs(path: Path, spans: dict[str, list[int]]) -> tuple[int, dict[str, int]]:
+    """crc32 of the whole file and of each byte span [start, end), in one pass over it."""
+    whole, parts, at = 0, dict.fromkeys(spans, 0), 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            whole, view = zlib.crc32(block, whole), memoryview(block)
+            for key, (start, end) in spans.items():
+                if start < at + len(block) and end > at:
+                    parts[key] = zlib.crc32(view[max(start - at, 0) : end - at], parts[key])
+            at += len(block)
+    return whole, parts
 
 
 def _map_tensor(path: Path, spec: dict, base: int, size: int, mmap: bool) -> np.ndarray:
@@ -120,12 +162,13 @@ def _check_csr(path, arrays: dict) -> None:
 
 
 def shard_entry(directory, index: int) -> dict:
-    """The index.json entry of a written shard, read from its header."""
-    arrays, info = read_shard(Path(directory) / shard_name(index))
+    """The index.json entry of a written shard, read from its header (and checked), with its checksums."""
+    arrays, info, checks = _read_checked(Path(directory) / shard_name(index), mmap=True, entry=None)
     tokens = arrays["token_ids"]
     entry = {
         "file": shard_name(index), "tokens": int(len(tokens)), "senses": int(len(arrays["centroids"])),
         "first_token": int(tokens[0]) if len(tokens) else None, "last_token": int(tokens[-1]) if len(tokens) else None,
+        **checks,
     }
     if (Path(directory) / examples_name(index)).is_file():
         entry["examples"] = examples_name(index)
@@ -140,18 +183,26 @@ def write_index(directory, body: dict, shards: list[dict]) -> Path:
 class _Part:
     """One shard's CSR arrays (memory-mapped) and, loaded on demand, its examples."""
 
-    def __init__(self, arrays: dict, examples=None, examples_path: Path | None = None):
+    def __init__(self, arrays: dict, examples=None, examples_path: Path | None = None, examples_crc: int | None = None,
+                 shard: Path | None = None):
         self.token_ids = np.asarray(arrays["token_ids"], dtype=np.int64)
         self.offsets = np.asarray(arrays["offsets"], dtype=np.int64)
         self.centroids, self.counts = arrays["centroids"], arrays["counts"]
         self._examples, self.examples_path = examples, examples_path
+        self.examples_crc, self.shard = examples_crc, shard  # the crc32 its shard's header records
 
     def examples(self) -> dict:
         if self._examples is None:
             if self.examples_path is None or not self.examples_path.is_file():
                 self._examples = {}
             else:
-                data = json.loads(self.examples_path.read_text())
+                raw = self.examples_path.read_bytes()
+                if zlib.crc32(raw) != self.examples_crc:
+                    recorded = "no checksum" if self.examples_crc is None else f"{self.examples_crc:08x}"
+                    raise DictionaryError(
+                        f"{self.examples_path}: crc32 {zlib.crc32(raw):08x}, but {self.shard} records {recorded}: "
+                        f"the examples file is damaged or from another build; delete {self.shard.name} and rerun build_dict")
+                data = json.loads(raw)
                 self._examples = {int(t): ex for t, ex in data.get("tokens", {}).items()}
         return self._examples
 
@@ -190,14 +241,16 @@ class SenseDictionary:
 
     @classmethod
     def load(cls, directory, mmap: bool = True) -> "SenseDictionary":
-        """Open RUN/dictionary (index.json checked first); centroids stay memory-mapped."""
+        """Open RUN/dictionary (index.json checked first, then each shard against its entry: size, crc32
+        of the file and of each tensor); centroids stay memory-mapped."""
         directory = Path(directory)
         index = manifest.read_manifest(directory, DICT_FORMAT, DICT_VERSION, name=INDEX_NAME, stage_hint="build_dict")
         parts = []
         for entry in index.get("shards", []):
-            arrays, _ = read_shard(directory / entry["file"], mmap=mmap)
+            shard = directory / entry["file"]
+            arrays, _, checks = _read_checked(shard, mmap, entry)
             examples = directory / entry["examples"] if entry.get("examples") else None
-            parts.append(_Part(arrays, examples_path=examples))
+            parts.append(_Part(arrays, examples_path=examples, examples_crc=checks.get("examples_crc32"), shard=shard))
         self = cls.__new__(cls)
         self._init_parts(parts, index, source=str(directory / INDEX_NAME))
         if index.get("d") and len(self.token_ids) and int(index["d"]) != self.d:

@@ -10,17 +10,20 @@ micro-batch m of rank r is list[(m * world + r) * micro : ... + micro]. Every ra
 the same number of micro-batches (ZeRO-2 all-reduces gradients at every step; unequal counts
 would hang), and one global step covers the same windows whatever the world size.
 The held-out split is a hash of the sample key, so it never depends on order or ranks.
+Reads seek straight to the members wanted; each one read is checked against the crc32
+its sample's checksum member (shards.CHECKSUM_EXT) recorded, which shard_index reads.
 """
 from __future__ import annotations
 
 import hashlib
 import io
-import tarfile
+import mmap
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dist_sense.formats import shards
 from dist_sense.formats.manifest import ManifestError, file_fingerprint, read_manifest
 from dist_sense.formats.shards import ShardError
 
@@ -66,42 +69,57 @@ def shard_keys(path: Path, expected: int | None = None) -> list[str]:
     return list(shard_index(path, expected))
 
 
-def shard_index(path: Path, expected: int | None = None) -> dict[str, dict[str, tuple[int, int]]]:
-    """{key: {field: (byte offset, size)}} of one tar shard's .npy members, keys in order, from
-    one pass over the headers: later reads seek straight to the data, parsing no header again."""
-    index: dict[str, dict[str, tuple[int, int]]] = {}
+def shard_index(path: Path, expected: int | None = None) -> dict[str, dict[str, tuple[int, int, int | None]]]:
+    """{key: {field: (byte offset, size, crc32)}} of one tar shard's .npy members, keys in order,
+    from one walk over the headers and checksum members (shards.walk_members): later reads seek
+    straight to the data. crc32 is None for a field the checksum member does not list (read_indexed
+    refuses it); a sample without a checksum member is refused here."""
+    spans: dict[str, dict[str, tuple[int, int]]] = {}
+    sums: dict[str, dict[str, int]] = {}
     try:
-        with tarfile.open(path, "r") as tar:
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                if member.isfile() and ext.endswith(".npy"):
-                    index.setdefault(key, {})[ext[: -len(".npy")]] = (member.offset_data, member.size)
-    except (tarfile.TarError, OSError) as err:
-        raise ShardError(f"{path}: truncated or corrupted labels shard ({err}); rerun the label stage") from None
-    if expected is not None and len(index) != expected:
-        raise ShardError(f"{path}: holds {len(index)} samples, the manifest says {expected}; rerun the label stage")
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            for at, name, size in shards.walk_members(path, data):
+                key, _, ext = name.partition(".")
+                start = at + shards.TAR_BLOCK
+                if ext == shards.CHECKSUM_EXT and shards.CHECKSUMS:
+                    sums[key] = shards.parse_checksums(path, key, data[start : start + size])
+                elif ext.endswith(".npy"):
+                    spans.setdefault(key, {})[ext[: -len(".npy")]] = (start, size)
+    except (OSError, ValueError) as err:  # ValueError: an empty file cannot be mapped
+        raise ShardError(f"{path}: truncated or corrupted labels shard ({err}); {shards.rerun_hint(path)}") from None
+    if expected is not None and len(spans) != expected:
+        raise ShardError(f"{path}: holds {len(spans)} samples, the manifest says {expected}; {shards.rerun_hint(path)}")
+    index = {}
+    for key, fields in spans.items():
+        if shards.CHECKSUMS and key not in sums:
+            shards.parse_checksums(path, key, None)  # raises, naming the sample
+        crcs = sums.get(key, {})
+        index[key] = {field: (at, size, crcs.get(field + ".npy")) for field, (at, size) in fields.items()}
     return index
 
 
 def read_indexed(path: Path, index: dict, wanted, skip: tuple[str, ...] = ()) -> dict[str, dict[str, np.ndarray]]:
     """{key: {field: array}} of the `wanted` samples, through a shard_index: only their fields
-    (less `skip`) are read, by seeking; nothing else of the tar is parsed."""
+    (less `skip`) are read, by seeking, each checked against its crc32; nothing else of the tar is parsed."""
     out: dict[str, dict[str, np.ndarray]] = {}
     try:
         with open(path, "rb") as f:
-            for key in sorted(wanted, key=lambda k: min(o for o, _ in index[k].values())):  # one forward sweep
+            for key in sorted(wanted, key=lambda k: min(o for o, _, _ in index[k].values())):  # one forward sweep
                 fields = {}
-                for name, (offset, size) in index[key].items():
+                for name, (offset, size, crc) in index[key].items():
                     if name in skip:
                         continue
                     f.seek(offset)
-                    fields[name] = np.load(io.BytesIO(f.read(size)), allow_pickle=False)
+                    data = f.read(size)
+                    if shards.CHECKSUMS:
+                        shards.check_member(path, key, name + ".npy", data, crc)
+                    fields[name] = np.load(io.BytesIO(data), allow_pickle=False)
                 out[key] = fields
     except (KeyError, OSError, ValueError) as err:
-        raise ShardError(f"{path}: cannot read labels samples ({err}); rerun the label stage") from None
+        raise ShardError(f"{path}: cannot read labels samples ({err}); {shards.rerun_hint(path)}") from None
     for key in wanted:
         if "input_ids" not in out[key] or "senses" not in out[key]:
-            raise ShardError(f"{path}: sample {key!r} lacks input_ids/senses")
+            raise ShardError(f"{path}: sample {key!r} lacks input_ids/senses; {shards.rerun_hint(path)}")
     return out
 
 

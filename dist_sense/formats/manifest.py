@@ -1,7 +1,9 @@
 """Manifests: the last file a stage writes, and the first one a reader checks.
 
-Each manifest names its format and version. Writes go to a temporary name and are
-renamed into place, so a crash never leaves a file that looks complete.
+Each manifest names its format and version, and holds the sha256 of its own content
+("manifest_sha256", over the canonical JSON of every other key), so an edit or a damaged
+byte after the stage wrote it is refused rather than believed. Writes go to a temporary
+name and are renamed into place, so a crash never leaves a file that looks complete.
 """
 from __future__ import annotations
 
@@ -31,9 +33,24 @@ def atomic_write_json(path: str | os.PathLike, obj) -> Path:
     return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+CHECKSUM_KEY = "manifest_sha256"
+
+
+def content_checksum(data: dict) -> str:
+    """sha256 of a manifest's canonical JSON (sorted keys, no spaces), the checksum key left out."""
+    canonical = json.dumps({k: v for k, v in data.items() if k != CHECKSUM_KEY}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def with_checksum(data: dict) -> dict:
+    """`data` as it reads back from JSON, with its content checksum (any old one replaced)."""
+    plain = json.loads(json.dumps({k: v for k, v in data.items() if k != CHECKSUM_KEY}))
+    return {**plain, CHECKSUM_KEY: content_checksum(plain)}
+
+
 def write_manifest(directory: str | os.PathLike, fmt: str, version: int, body: dict, name: str = "manifest.json") -> Path:
-    """Write DIR/manifest.json holding `format`, `version` and `body`'s keys, atomically."""
-    return atomic_write_json(Path(directory) / name, {"format": fmt, "version": version, **body})
+    """Write DIR/manifest.json holding `format`, `version`, `body`'s keys and their checksum, atomically."""
+    return atomic_write_json(Path(directory) / name, with_checksum({"format": fmt, "version": version, **body}))
 
 
 def read_manifest(directory: str | os.PathLike, fmt: str, version: int, name: str = "manifest.json", stage_hint: str = "") -> dict:
@@ -53,6 +70,12 @@ def read_manifest(directory: str | os.PathLike, fmt: str, version: int, name: st
         raise ManifestError(
             f"{path}: {fmt} version {data.get('version')!r}, this code reads version {version}: rebuild it with this version"
         )
+    # After format and version: another version may sum its content otherwise. A manifest without
+    # the key (written by hand, or by a test) is taken as it is.
+    if CHECKSUM_KEY in data and data[CHECKSUM_KEY] != content_checksum(data):
+        stage = stage_hint or "the stage that wrote it"
+        raise ManifestError(f"{path}: edited or damaged after it was written (its content no longer matches its "
+                            f"{CHECKSUM_KEY}); delete it and rerun {stage}")
     return data
 
 
