@@ -72,7 +72,7 @@ def engine_config(cfg: RunConfig, micro: int, accum: int) -> dict:
     """The DeepSpeed JSON with batch sizes, optimizer values and bf16 "auto" filled in."""
     path = Path(cfg.distill.ds_config)
     if not path.is_absolute() and not path.exists():  # a launch from outside the checkout
-        path = Path(__file__).resolve().parent.parent / path
+        path = Path(__file__).resolve().parents[3] / path  # the checkout's root
     try:
         config = copy.deepcopy(json.loads(path.read_text()))
     except (OSError, json.JSONDecodeError) as err:
@@ -343,6 +343,7 @@ def _initialize(cfg: RunConfig, student, plan: dict):
 def _train(cfg: RunConfig, engine, data: LabelData, senses: SenseTable, plan: dict, step: int,
            stop: StopOnSignal) -> None:
     metrics = MetricsLog(cfg, step)
+    engine.module.train()  # from_pretrained gives eval mode: a resumed run (no step-0 evaluation) kept dropout off
     every_eval, every_save = cfg.distill.eval_every, cfg.distill.save_every
     if step == 0 and every_eval and (result := evaluate(engine, data, senses)):
         metrics.write(0, result)  # the starting point, for comparison
