@@ -27,6 +27,7 @@ from dist_sense.config.fields import (  # noqa: F401 (ConfigError, field_docs: r
     field_docs,
     read_json,
 )
+from dist_sense.config.tasks import FinetuneConfig, TaskConfig  # noqa: F401 (re-exported)
 
 DTYPES = ("fp32", "bf16", "fp16")
 SIMILARITIES = ("dot", "cos", "l2")
@@ -314,6 +315,8 @@ class RunConfig(Section):
     label: LabelConfig = field(default_factory=LabelConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     @property
     def run_path(self) -> Path:
