@@ -47,16 +47,18 @@ def disk_error(err: BaseException, cfg: RunConfig):
     return describe_os_error(err, cfg.run_path)
 
 
-def run_stage(description: str, stage_run, argv: list[str] | None = None, mpi: bool = False):
+def run_stage(description: str, stage_run, argv: list[str] | None = None, mpi: bool = False,
+              engine_key: str = "distill.ds_config"):
     """Parse the command line, run `stage_run(cfg)`, print its output directory.
 
     mpi: the stage's ranks talk over MPI (build_dict): they reuse freed memory for the
     tile loop's large arrays, and a failing rank aborts the MPI job.
+    engine_key: the config key `--deepspeed FILE` sets (the stage's own DeepSpeed JSON).
     """
     from dist_sense import comm
     from dist_sense.runtime import process
 
-    cfg, restart = parse_run_config(description, argv)
+    cfg, restart = parse_run_config(description, argv, engine_key)
     env = comm.detect()
     process.share_cores(comm.local_world_size())
     process.terminate_on_sigterm()
@@ -92,7 +94,8 @@ def _end_job(abort_mpi: bool, code: int) -> None:
         abort_world(code)
 
 
-def parse_run_config(description: str, argv: list[str] | None = None) -> tuple[RunConfig, bool]:
+def parse_run_config(description: str, argv: list[str] | None = None,
+                     engine_key: str = "distill.ds_config") -> tuple[RunConfig, bool]:
     """(the run config, whether --restart-stage was given)."""
     parser = argparse.ArgumentParser(
         description=description,
@@ -102,7 +105,7 @@ def parse_run_config(description: str, argv: list[str] | None = None) -> tuple[R
     parser.add_argument("--config", help="run config JSON (default: RUN/config.json of run_dir=RUN when it exists)")
     parser.add_argument("--list-keys", action="store_true", help="print every config key and exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--deepspeed", help="DeepSpeed engine JSON (sets distill.ds_config)")
+    parser.add_argument("--deepspeed", help="DeepSpeed engine JSON (sets distill.ds_config; finetune.ds_config for finetune)")
     parser.add_argument("--restart-stage", action="store_true",
                         help="when this stage's output was made from other inputs or settings, move it aside "
                              "(OUT.replaced-<time>) and start the stage afresh, instead of refusing")
@@ -113,7 +116,7 @@ def parse_run_config(description: str, argv: list[str] | None = None) -> tuple[R
         raise SystemExit(0)
     overrides = list(args.overrides)
     if args.deepspeed:
-        overrides.append(f"distill.ds_config={args.deepspeed}")
+        overrides.append(f"{engine_key}={args.deepspeed}")
     config = args.config or _saved_run_config(overrides)
     try:
         return RunConfig.load(config, overrides), args.restart_stage

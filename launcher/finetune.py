@@ -1,7 +1,7 @@
 """GLUE setting: fine-tune the teacher on a labelled task under DeepSpeed ZeRO-2 -> RUN/teacher_tuned/final.
 
     python launcher/finetune.py --config CONFIG [key=value ...]
-    deepspeed --num_gpus N launcher/finetune.py --config CONFIG [finetune.ds_config=ds_configs/z2.json ...]
+    deepspeed --num_gpus N launcher/finetune.py --deepspeed ds_configs/z2.json --config CONFIG [key=value ...]
 
 The task comes from task.* (train / validation / test files, text, pair and label fields), the
 training settings from finetune.*. The printed folder is the tuned teacher: set model.teacher to it.
@@ -16,4 +16,4 @@ from dist_sense.cli import run_stage  # noqa: E402
 from dist_sense.stages import finetune
 
 if __name__ == "__main__":
-    run_stage(__doc__, finetune.run)
+    run_stage(__doc__, finetune.run, engine_key="finetune.ds_config")

@@ -13,8 +13,6 @@ Batch sizes come from distill.* through `DistillConfig.batch_split`; ds_configs/
 """
 from __future__ import annotations
 
-import copy
-import json
 import math
 import os
 import shutil
@@ -25,7 +23,7 @@ import numpy as np
 import torch
 
 from dist_sense import comm
-from dist_sense.config import ConfigError, RunConfig
+from dist_sense.config import RunConfig
 from dist_sense.formats.dictionary import SenseDictionary
 from dist_sense.formats.labels import LabelData, LabelsError, check_labels_match_dictionary, read_labels_manifest
 from dist_sense.formats.manifest import atomic_write_json, file_fingerprint
@@ -33,7 +31,7 @@ from dist_sense.model.losses import mse_loss, positions_per_chunk, sense_kd_loss
 from dist_sense.model.student import build_student, check_vocabulary, save_student
 from dist_sense.model.teacher import load_tokenizer
 from dist_sense.runtime.faults import crash_point
-from dist_sense.runtime.metrics import summary_writer
+from dist_sense.runtime.metrics import StepLog
 from dist_sense.stages.distill.checkpoints import (  # noqa: F401
     CheckpointError,
     check_checkpoint_identity,
@@ -43,13 +41,13 @@ from dist_sense.stages.distill.checkpoints import (  # noqa: F401
     seed_everything,
 )
 from dist_sense.stages.distill.stopping import STOPPED_EXIT_CODE, StopOnSignal, stopped  # noqa: F401
+from dist_sense.stages.engine import training_engine_config
 from dist_sense.stages.guard import open_stage
 
 log = comm.get_logger("dist_sense.distill")
 
 MIN_LR_RATIO = 0.1
 """The cosine schedule ends at this fraction of the peak learning rate."""
-ENGINE_OWNED_BY_CONFIG = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "scheduler")
 
 
 # ----------------------------------------------------------------------------- settings
@@ -69,35 +67,8 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 def engine_config(cfg: RunConfig, micro: int, accum: int) -> dict:
-    """The DeepSpeed JSON with batch sizes, optimizer values and bf16 "auto" filled in."""
-    path = Path(cfg.distill.ds_config)
-    if not path.is_absolute() and not path.exists():  # a launch from outside the checkout
-        path = Path(__file__).resolve().parents[3] / path  # the checkout's root
-    try:
-        config = copy.deepcopy(json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"distill.ds_config={path}: cannot read DeepSpeed JSON ({err})") from None
-    for key in ENGINE_OWNED_BY_CONFIG:
-        if key in config:
-            raise ConfigError(f"{path}: {key!r} is set from distill.* (batch sizes, warmup_steps, steps); "
-                              f"remove it from the DeepSpeed JSON")
-    stage = config.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2):
-        raise ConfigError(f"{path}: zero_optimization.stage={stage}; the student trains with ZeRO stage 0-2")
-    for precision in ("bf16", "fp16"):
-        section = config.setdefault(precision, {"enabled": False})
-        if section.get("enabled") == "auto":  # bf16 where a GPU can do it; fp32 on CPU
-            section["enabled"] = comm.cuda_available() and precision == "bf16"
-    optimizer = config.setdefault("optimizer", {"type": "AdamW", "params": {}})
-    params = optimizer.setdefault("params", {})
-    params.update(lr=cfg.distill.lr, weight_decay=cfg.distill.weight_decay)
-    # torch's AdamW needs no compiled op; with optimizer offload DeepSpeed's CPU Adam is the fast one.
-    offload = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-    params.setdefault("torch_adam", offload in ("none", None))
-    config.setdefault("steps_per_print", 1 << 30)  # we log ourselves
-    config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum,
-                  train_batch_size=cfg.distill.global_batch_size)
-    return config
+    """distill.ds_config with batch sizes, optimizer values and bf16 "auto" filled in (stages/engine.py)."""
+    return training_engine_config(cfg.distill, "distill", micro, accum, "student")
 
 
 def run_identity(cfg: RunConfig, labels_manifest: dict) -> dict:
@@ -210,29 +181,14 @@ def evaluate(engine, data: LabelData, senses: SenseTable) -> dict | None:
 # ----------------------------------------------------------------------------- metrics
 
 
-class MetricsLog:
-    """Rank 0's JSON lines (RUN/student/metrics.jsonl), TensorBoard and progress bar; no-ops elsewhere."""
+class MetricsLog(StepLog):
+    """RUN/student/metrics.jsonl (student_mse/ for the MSE loss), RUN/tb/distill[_mse], the bar."""
 
     def __init__(self, cfg: RunConfig, start_step: int):
-        from tqdm import tqdm
-
-        self.main = comm.detect().is_main
-        self.path = student_dir(cfg) / "metrics.jsonl"
         self.loss_tag = f"loss/{cfg.distill.loss}"
-        self.tb = summary_writer(cfg.run_path, "distill" if cfg.distill.loss == "kd" else "distill_mse")
-        self.bar = tqdm(total=cfg.distill.steps, initial=start_step, unit="step", desc="distill", disable=not self.main)
-        if self.main and self.path.is_file():
-            # Steps after the checkpoint we resume from were never committed (nor a line cut by a kill): drop them.
-            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, step: int, values: dict) -> None:
-        if not self.main:
-            return
-        for tag, value in values.items():
-            self.tb.add_scalar(tag, value, step)
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
+        super().__init__(student_dir(cfg) / "metrics.jsonl", cfg.run_path,
+                         "distill" if cfg.distill.loss == "kd" else "distill_mse", cfg.distill.steps, start_step,
+                         "distill")
 
     def train(self, step: int, stats: dict, lr: float, grad_norm, seconds: float) -> None:
         values = {self.loss_tag: stats["loss"], "acc/top1": stats["acc/top1"], "acc/top5": stats["acc/top5"],
@@ -240,19 +196,7 @@ class MetricsLog:
         if grad_norm is not None:
             values["grad_norm"] = float(grad_norm)
         self.write(step, values)
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{stats['loss']:.4f}", top1=f"{stats['acc/top1']:.3f}")
-
-    def close(self) -> None:
-        self.bar.close()
-        self.tb.close()
-
-
-def _step_of(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
+        self.step_done(loss=f"{stats['loss']:.4f}", top1=f"{stats['acc/top1']:.3f}")
 
 
 # ----------------------------------------------------------------------------- the stage
