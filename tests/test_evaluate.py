@@ -111,3 +111,20 @@ def test_missing_student_is_a_clear_error(distilled_run, tmp_path):  # noqa: F81
     assert proc.returncode == 2
     assert str(run_dir / "student" / "final") in proc.stderr and "distill" in proc.stderr
     assert not (run_dir / "eval" / "metrics.json").exists()
+
+
+def test_the_teacher_head_table_comes_first_in_the_report(tmp_path):
+    from dist_sense.stages.evaluate.report import write_report
+
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    metrics = {"task.movies.teacher.accuracy": 0.75, "task.movies.teacher.stderr": 0.02,
+               "task.movies.teacher.macro_f1": 0.74, "task.movies.teacher.ratio_to_teacher": 1.0,
+               "task.movies.student_senses.accuracy": 0.6, "task.movies.student_senses.ratio_to_teacher": 0.8,
+               "eval.held_out_source": "docs.jsonl"}
+    (eval_dir / "metrics.json").write_text(json.dumps(metrics))
+    (eval_dir / "details.json").write_text(json.dumps({"task_head": {"pooling": "first_token", "split": "test"}}))
+    text = write_report(tmp_path).read_text()
+    assert text.index("Through the tuned teacher's head") < text.index("## Held-out text")
+    assert "| movies | teacher | 0.7500 | 0.0200 | 0.7400 | 1.000 |" in text
+    assert "| movies | student_senses | 0.6000 | n/a | n/a | 0.800 |" in text and "pooling: first_token" in text

@@ -68,6 +68,26 @@ def downstream_grid(metrics: dict) -> tuple[list[str], list[str], dict]:
     return tasks, systems, grid
 
 
+def _task_head(metrics: dict, details: dict) -> list[str]:
+    """The GLUE protocol's table, first: every system through the tuned teacher's frozen head."""
+    rows: dict[tuple[str, str], dict] = {}
+    for key, value in metrics.items():
+        if key.startswith("task."):
+            task, system, measure = key[len("task."):].rsplit(".", 2)
+            rows.setdefault((task, system), {})[measure] = value
+    if not rows:
+        return []
+    note = details.get("task_head", {})
+    lines = ["## Through the tuned teacher's head", "",
+             f"Each system's final-layer states (snapped where the system snaps) go through the frozen pooler and "
+             f"classifier of the teacher fine-tuned on the task (pooling: {note.get('pooling', 'n/a')}, split: "
+             f"{note.get('split', 'n/a')}). ratio: accuracy over the tuned teacher's.", ""]
+    lines += _table(["task", "system", "accuracy", "± stderr", "macro F1", "ratio"],
+                    [[task, system, _fmt(m.get("accuracy")), _fmt(m.get("stderr")), _fmt(m.get("macro_f1")),
+                      _fmt(m.get("ratio_to_teacher"), 3)] for (task, system), m in rows.items()])
+    return lines
+
+
 def _summary(metrics: dict, details: dict) -> list[str]:
     held = details.get("held_out", {})
     lines = ["## Held-out text", "",
@@ -197,6 +217,6 @@ def write_report(run_dir) -> Path:
     metrics = _read(eval_dir / "metrics.json", required=True)
     details = _read(eval_dir / "details.json", required=False)
     lines = [f"# Evaluation of {details.get('run_dir', Path(run_dir))}", ""]
-    lines += _summary(metrics, details) + _downstream(metrics, details) + _plot(metrics, eval_dir / "downstream.png")
+    lines += _task_head(metrics, details) + _summary(metrics, details) + _downstream(metrics, details) + _plot(metrics, eval_dir / "downstream.png")
     lines += _snapping(metrics) + _size_speed(metrics) + _pictures(details) + _words(details)
     return atomic_write_bytes(eval_dir / "report.md", "\n".join(lines).rstrip().encode() + b"\n")
