@@ -250,6 +250,7 @@ def run(cfg: RunConfig, restart: bool = False) -> Path:
 def _evaluate(cfg: RunConfig, out_dir: Path) -> Path:
     from dist_sense.model.teacher import load_tokenizer
     from dist_sense.stages.evaluate.report import write_report
+    from dist_sense.stages.evaluate.task_head import task_head_metrics
 
     dictionary = SenseDictionary.load(cfg.run_path / "dictionary")
     tokenizer = load_tokenizer(cfg.model)
@@ -271,6 +272,7 @@ def _evaluate(cfg: RunConfig, out_dir: Path) -> Path:
     metrics, notes["held_out"] = held_out_metrics(texts, encoders, dictionary, cfg)
     metrics.update({"eval.held_out_source": str(source), "eval.held_out_is_training_corpus": bool(is_training),
                     "eval.similarity": cfg.eval.similarity})
+    metrics.update(task_head_metrics(cfg, encoders, notes))  # the GLUE setting's judge, when a task is set
     metrics.update(sentence_probes(cfg, encoders, notes))
     if cfg.eval.wic_path:
         metrics.update(wic_probe(cfg, encoders, notes))
