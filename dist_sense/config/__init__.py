@@ -19,6 +19,7 @@ from pathlib import Path
 from dist_sense.config.fields import (  # noqa: F401 (ConfigError, field_docs: re-exported)
     ConfigError,
     Section,
+    TrainingSection,
     apply_override,
     build_dataclass,
     check_choice,
@@ -203,7 +204,7 @@ class LabelConfig(Section):
 
 
 @dataclass
-class DistillConfig(Section):
+class DistillConfig(TrainingSection):
     _key = "distill"
     init: str = "truncate"
     """Student: truncate (the teacher's first `layers` layers) or model (`student_model` + linear map)."""
@@ -253,23 +254,6 @@ class DistillConfig(Section):
             raise ConfigError(f"distill.eval_fraction={self.eval_fraction}: must be in [0, 1)")
         if self.init == "model" and not self.student_model:
             raise ConfigError("distill.init=model needs distill.student_model")
-
-    def accumulation_steps(self, world_size: int) -> int:
-        """Micro-batches each rank runs per optimizer step on `world_size` ranks:
-        global_batch_size / (micro_batch_size x world_size); ConfigError naming the keys unless it divides."""
-        micro, total = self.micro_batch_size, self.global_batch_size
-        if world_size < 1:
-            raise ConfigError(f"world size {world_size}: must be >= 1 to split distill.global_batch_size={total}")
-        if total % (micro * world_size):
-            raise ConfigError(
-                f"distill.global_batch_size={total} is not a multiple of distill.micro_batch_size={micro} x "
-                f"world size {world_size} = {micro * world_size}: change one of them")
-        return total // (micro * world_size)
-
-    def batch_split(self, world_size: int) -> tuple[int, int]:
-        """(micro batch per rank, gradient accumulation steps) on `world_size` ranks: DeepSpeed's
-        train_micro_batch_size_per_gpu and gradient_accumulation_steps; ConfigError unless they divide."""
-        return self.micro_batch_size, self.accumulation_steps(world_size)
 
 
 @dataclass

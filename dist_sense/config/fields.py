@@ -104,6 +104,29 @@ def _scalar_hints(cls) -> dict:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(hints[f.name])}
 
 
+class TrainingSection(Section):
+    """A section of a DeepSpeed training stage (distill, finetune): its global batch split over ranks.
+
+    Needs the fields global_batch_size and micro_batch_size."""
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches each rank runs per optimizer step on `world_size` ranks:
+        global_batch_size / (micro_batch_size x world_size); ConfigError naming the keys unless it divides."""
+        micro, total, key = self.micro_batch_size, self.global_batch_size, self._key
+        if world_size < 1:
+            raise ConfigError(f"world size {world_size}: must be >= 1 to split {key}.global_batch_size={total}")
+        if total % (micro * world_size):
+            raise ConfigError(
+                f"{key}.global_batch_size={total} is not a multiple of {key}.micro_batch_size={micro} x "
+                f"world size {world_size} = {micro * world_size}: change one of them")
+        return total // (micro * world_size)
+
+    def batch_split(self, world_size: int) -> tuple[int, int]:
+        """(micro batch per rank, gradient accumulation steps) on `world_size` ranks: DeepSpeed's
+        train_micro_batch_size_per_gpu and gradient_accumulation_steps; ConfigError unless they divide."""
+        return self.micro_batch_size, self.accumulation_steps(world_size)
+
+
 def build_dataclass(cls, data: dict, prefix: str, source: str, moved: dict | None = None):
     """`cls(**data)`, nested sections built alike and values coerced to the annotated types.
     `moved` maps a dotted key that no longer exists to its new place, for a clearer error."""

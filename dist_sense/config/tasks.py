@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dist_sense.config.fields import ConfigError, Section, check_choice, check_nonnegative, check_positive
+from dist_sense.config.fields import (
+    ConfigError,
+    Section,
+    TrainingSection,
+    check_choice,
+    check_nonnegative,
+    check_positive,
+)
 
 POOLINGS = ("first_token", "mean")
 
@@ -55,7 +62,7 @@ class TaskConfig(Section):
 
 
 @dataclass
-class FinetuneConfig(Section):
+class FinetuneConfig(TrainingSection):
     _key = "finetune"
     steps: int = 1000
     """Optimizer steps of fine-tuning the teacher (backbone and head together) on task.train."""
@@ -97,20 +104,3 @@ class FinetuneConfig(Section):
         if self.max_length < 3:
             raise ConfigError(f"finetune.max_length={self.max_length}: must leave room for a token besides "
                               f"the special ones (at least 3)")
-
-    def accumulation_steps(self, world_size: int) -> int:
-        """Micro-batches each rank runs per optimizer step on `world_size` ranks:
-        global_batch_size / (micro_batch_size x world_size); ConfigError naming the keys unless it divides."""
-        micro, total = self.micro_batch_size, self.global_batch_size
-        if world_size < 1:
-            raise ConfigError(f"world size {world_size}: must be >= 1 to split finetune.global_batch_size={total}")
-        if total % (micro * world_size):
-            raise ConfigError(
-                f"finetune.global_batch_size={total} is not a multiple of finetune.micro_batch_size={micro} x "
-                f"world size {world_size} = {micro * world_size}: change one of them")
-        return total // (micro * world_size)
-
-    def batch_split(self, world_size: int) -> tuple[int, int]:
-        """(micro batch per rank, gradient accumulation steps) on `world_size` ranks: DeepSpeed's
-        train_micro_batch_size_per_gpu and gradient_accumulation_steps; ConfigError unless they divide."""
-        return self.micro_batch_size, self.accumulation_steps(world_size)

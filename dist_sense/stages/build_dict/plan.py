@@ -75,14 +75,16 @@ def settings_fingerprint(hidden: dict, kcfg) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def unfinished_tiles(out_dir: Path, plan: TilePlan, settings: str, remove: bool = True) -> list[int]:
-    """Tiles whose shard is missing, unreadable, or from another tiling or settings (rank 0).
-
-    remove: delete shard files of tiles past the plan's last (from an earlier run with more tiles)."""
-    for stale in out_dir.glob("senses-*") if remove else ():
+def remove_stale_shards(out_dir: Path, plan: TilePlan) -> None:
+    """Delete shard files of tiles past the plan's last (from an earlier run with more tiles)."""
+    for stale in out_dir.glob("senses-*"):
         number = stale.name.split(".")[0].split("-")[-1]
         if not number.isdigit() or int(number) >= len(plan.tiles):
             stale.unlink()  # not part of this dictionary
+
+
+def unfinished_tiles(out_dir: Path, plan: TilePlan, settings: str) -> list[int]:
+    """Tiles whose shard is missing, unreadable, or from another tiling or settings (rank 0; reads only)."""
     todo = []
     for tile, tokens in enumerate(plan.tiles):
         path = out_dir / shard_name(tile)

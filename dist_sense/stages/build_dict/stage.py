@@ -33,6 +33,7 @@ from dist_sense.stages.build_dict.plan import (
     TilePlan,
     plan_tiles,
     read_hidden_manifest,
+    remove_stale_shards,
     settings_fingerprint,
     unfinished_tiles,
 )
@@ -73,11 +74,11 @@ def run(cfg, restart: bool = False) -> Path:
 
 def _todo(out_dir: Path, plan: TilePlan, settings: str, stage) -> list[int] | None:
     """Rank 0: the tiles left to build; None when index.json exists and every tile's shard is final."""
-    if stage.resumed and (out_dir / "index.json").is_file() and not unfinished_tiles(out_dir, plan, settings,
-                                                                                       remove=False):
+    todo = unfinished_tiles(out_dir, plan, settings)
+    if stage.resumed and (out_dir / "index.json").is_file() and not todo:
         return None
     stage.begin()
-    todo = unfinished_tiles(out_dir, plan, settings)
+    remove_stale_shards(out_dir, plan)
     if todo:
         (out_dir / "index.json").unlink(missing_ok=True)  # rebuilding: the dictionary is not complete meanwhile
     return todo

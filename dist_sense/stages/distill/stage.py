@@ -13,7 +13,6 @@ Batch sizes come from distill.* through `DistillConfig.batch_split`; ds_configs/
 """
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import time
@@ -41,13 +40,11 @@ from dist_sense.stages.distill.checkpoints import (  # noqa: F401
     seed_everything,
 )
 from dist_sense.stages.distill.stopping import STOPPED_EXIT_CODE, StopOnSignal, stopped  # noqa: F401
-from dist_sense.stages.engine import training_engine_config
+from dist_sense.stages.engine import MIN_LR_RATIO, lr_factor, start_engine, training_engine_config  # noqa: F401
 from dist_sense.stages.guard import open_stage
 
 log = comm.get_logger("dist_sense.distill")
 
-MIN_LR_RATIO = 0.1
-"""The cosine schedule ends at this fraction of the peak learning rate."""
 
 
 # ----------------------------------------------------------------------------- settings
@@ -56,14 +53,6 @@ MIN_LR_RATIO = 0.1
 def student_dir(cfg: RunConfig) -> Path:
     """RUN/student for the sense loss; RUN/student_mse for the MSE baseline, so both can live in one run."""
     return cfg.run_path / ("student" if cfg.distill.loss == "kd" else "student_mse")
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Learning-rate multiplier after `step` optimizer steps: linear warm-up, then cosine to MIN_LR_RATIO."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(total - warmup, 1))
-    return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def engine_config(cfg: RunConfig, micro: int, accum: int) -> dict:
@@ -262,24 +251,11 @@ def _run(cfg: RunConfig, env, plan: dict, out_dir: Path, stop: StopOnSignal) -> 
 
 
 def _initialize(cfg: RunConfig, student, plan: dict):
-    import deepspeed
-
     if cfg.distill.freeze_embeddings:
         student.backbone.get_input_embeddings().requires_grad_(False)
-    trainable = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
-    decay = [p for n, p in trainable if p.ndim >= 2 and "norm" not in n.lower()]
-    no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "norm" not in n.lower())]
-    groups = [{"params": decay, "weight_decay": cfg.distill.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    warmup, steps = cfg.distill.warmup_steps, cfg.distill.steps
-
-    def schedule(optimizer):
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps))
-
-    config = engine_config(cfg, plan["micro"], plan["accum"])
-    engine, *_ = deepspeed.initialize(model=student, model_parameters=groups, config=config, lr_scheduler=schedule)
+    engine, trained = start_engine(student, cfg.distill, engine_config(cfg, plan["micro"], plan["accum"]))
     log.info("student %s: %d parameters (%d trained); micro batch %d x %d ranks x %d accumulation = %d windows per step",
-             student.info.get("init"), sum(p.numel() for p in student.parameters()),
-             sum(p.numel() for _, p in trainable), plan["micro"],
+             student.info.get("init"), sum(p.numel() for p in student.parameters()), trained, plan["micro"],
              comm.detect().world_size, plan["accum"], cfg.distill.global_batch_size)
     return engine
 

@@ -31,8 +31,8 @@ from dist_sense.model.classifier import HEAD_INFO, build_task_model, save_tuned_
 from dist_sense.model.teacher import check_fits, load_tokenizer, position_limit, resolve_model_path, teacher_fingerprint
 from dist_sense.runtime.faults import crash_point
 from dist_sense.stages.distill.checkpoints import latest_tag, resume, save_checkpoint, seed_everything
-from dist_sense.stages.distill.stage import lr_factor
 from dist_sense.stages.distill.stopping import StopOnSignal, stopped
+from dist_sense.stages.engine import start_engine
 from dist_sense.stages.finetune.data import TaskBatches
 from dist_sense.stages.finetune.train import MetricsLog, engine_config, evaluate, train_step
 from dist_sense.stages.guard import open_stage
@@ -125,24 +125,11 @@ def _run(cfg: RunConfig, env, plan: dict, out_dir: Path, stop: StopOnSignal) -> 
 
 
 def _initialize(cfg: RunConfig, model, plan: dict):
-    import deepspeed
-
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in trainable if p.ndim >= 2 and "norm" not in n.lower()]
-    no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "norm" not in n.lower())]
-    groups = [{"params": decay, "weight_decay": cfg.finetune.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    warmup, steps = cfg.finetune.warmup_steps, cfg.finetune.steps
-
-    def schedule(optimizer):
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps))
-
-    config = engine_config(cfg, plan["micro"], plan["accum"])
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config, lr_scheduler=schedule)
+    engine, trained = start_engine(model, cfg.finetune, engine_config(cfg, plan["micro"], plan["accum"]))
     log.info("fine-tuning %s on %s (%d classes, %d train examples): %d parameters trained; micro batch %d x %d "
              "ranks x %d accumulation = %d examples per step", model.head.info.get("base_teacher"),
-             plan["task"].name, plan["task"].n_classes, len(plan["encoded"]["train"]),
-             sum(p.numel() for _, p in trainable), plan["micro"], comm.detect().world_size, plan["accum"],
-             cfg.finetune.global_batch_size)
+             plan["task"].name, plan["task"].n_classes, len(plan["encoded"]["train"]), trained, plan["micro"],
+             comm.detect().world_size, plan["accum"], cfg.finetune.global_batch_size)
     return engine
 
 
