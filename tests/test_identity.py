@@ -124,7 +124,8 @@ def copied_run(distilled, tmp_path: Path) -> tuple[Path, list[str]]:
     docs = tmp_path / "docs.jsonl"
     shutil.copy(distilled["docs"], docs)
     args = [a for a in distilled["args"] if not a.startswith(("run_dir=", "corpus.path="))]
-    return run_dir, [f"run_dir={run_dir}", f"corpus.path={docs}", *args]
+    # The shared run's two distills (kd and mse) ran side by side, so its config.json may hold either loss.
+    return run_dir, [f"run_dir={run_dir}", f"corpus.path={docs}", *args, "distill.loss=kd"]
 
 
 def launch(stage: str, args: list[str], *extra: str):
