@@ -27,6 +27,10 @@ def main(model_dir: str, out_dir: str) -> None:
     np.save(out / f"hidden-rank{env.rank}.npy", np.stack(kept))
     if env.rank == 0:
         (out / "allreduce.json").write_text(json.dumps({"sum": summed.item(), "world": env.world_size}))
+    # Ends gloo's threads before the interpreter does: left to exit, one sometimes aborted the rank
+    # ("terminate called without an active exception", exit 250) after all the work was done.
+    comm.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
