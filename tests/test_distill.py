@@ -135,6 +135,38 @@ def test_label_data_ranks_share_out_whole_steps(inputs):
     assert torch.all(batch["targets"][batch["attention_mask"] == 0] == -1)
 
 
+def test_label_data_length_groups_keep_each_shards_windows_and_pad_less(inputs):
+    manifest = read_labels_manifest(inputs / "labels")
+
+    def with_shards(data: LabelData, lengths: list[list[int]]) -> LabelData:
+        # Label shards of a real size (the fixture's hold a few windows each): keys and index entries whose
+        # input_ids member sizes are those of int32 arrays of the given lengths (a 128-byte npy header).
+        data.shards = [f"s{i}" for i in range(len(lengths))]
+        data.train_keys = [[f"{i:03d}_{j:04d}" for j in range(len(ls))] for i, ls in enumerate(lengths)]
+        data.index = [{k: {"input_ids": (0, 128 + 4 * n, None)} for k, n in zip(keys, ls)}
+                      for keys, ls in zip(data.train_keys, lengths)]
+        data.micro_per_epoch = sum(map(len, lengths)) // 8 * 2
+        return data
+
+    rng = np.random.default_rng(0)
+    lengths = [rng.integers(5, 60, 403).tolist(), rng.integers(5, 60, 397).tolist()]
+    size = {(s, k): n for s, ls in enumerate(lengths) for k, n in zip([f"{s:03d}_{j:04d}" for j in range(len(ls))], ls)}
+    make = lambda groups: with_shards(LabelData(inputs / "labels", manifest, 0, 1, 4, global_batch=8, seed=3,  # noqa: E731
+                                                eval_fraction=0.1, group_steps=groups), lengths)
+    a, b = make(0).epoch_order(0), make(5).epoch_order(0)
+    # The same number of distinct training windows (the epoch is cut to whole steps either way), reordered.
+    assert len(a) == len(b) == len(set(b)) == 800 and set(b) <= set(size) and a != b
+    # Each shard's windows stay contiguous (one read per shard), in the same shard order.
+    assert [s for i, (s, _) in enumerate(b) if i == 0 or b[i - 1][0] != s] == \
+        [s for i, (s, _) in enumerate(a) if i == 0 or a[i - 1][0] != s]
+
+    def padding(order):  # padded minus real tokens over the epoch's micro-batches of 4
+        return sum(4 * max(size[p] for p in order[i:i + 4]) - sum(size[p] for p in order[i:i + 4])
+                   for i in range(0, len(order), 4))
+    assert padding(b) < 0.3 * padding(a), (padding(a), padding(b))
+    assert b == make(5).epoch_order(0) and b != make(5).epoch_order(1)
+
+
 def test_label_data_position_restores_the_next_batch(inputs):
     manifest = read_labels_manifest(inputs / "labels")
     data = LabelData(inputs / "labels", manifest, 1, 2, 4, global_batch=8, eval_fraction=0.1)

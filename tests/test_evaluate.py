@@ -120,11 +120,12 @@ def test_the_teacher_head_table_comes_first_in_the_report(tmp_path):
     eval_dir.mkdir()
     metrics = {"task.movies.teacher.accuracy": 0.75, "task.movies.teacher.stderr": 0.02,
                "task.movies.teacher.macro_f1": 0.74, "task.movies.teacher.ratio_to_teacher": 1.0,
+               "task.movies.teacher.own_head_accuracy": 0.71,
                "task.movies.student_senses.accuracy": 0.6, "task.movies.student_senses.ratio_to_teacher": 0.8,
                "eval.held_out_source": "docs.jsonl"}
     (eval_dir / "metrics.json").write_text(json.dumps(metrics))
     (eval_dir / "details.json").write_text(json.dumps({"task_head": {"pooling": "first_token", "split": "test"}}))
     text = write_report(tmp_path).read_text()
     assert text.index("Through the tuned teacher's head") < text.index("## Held-out text")
-    assert "| movies | teacher | 0.7500 | 0.0200 | 0.7400 | 1.000 |" in text
-    assert "| movies | student_senses | 0.6000 | n/a | n/a | 0.800 |" in text and "pooling: first_token" in text
+    assert "| movies | teacher | 0.7500 | 0.0200 | 0.7400 | 1.000 | 0.7100 |" in text
+    assert "| movies | student_senses | 0.6000 | n/a | n/a | 0.800 | n/a |" in text and "pooling: first_token" in text

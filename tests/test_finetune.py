@@ -222,7 +222,7 @@ def test_saved_head_on_the_reloaded_backbone_gives_the_same_logits(tiny_bert, tm
     inputs = (batch["input_ids"], batch["attention_mask"], batch["special_tokens_mask"])
     with torch.no_grad():
         expected = model(*inputs)
-    out = classifier.save_tuned_teacher(model, tmp_path / "tuned", tokenizer, extra={"steps": 0})
+    out = classifier.save_task_model(model, tmp_path / "tuned", tokenizer, extra={"steps": 0})
     backbone = AutoModel.from_pretrained(out).eval()
     head = load_task_head(out)
     with torch.no_grad():
@@ -238,7 +238,7 @@ def test_missing_or_foreign_head_files_are_named(tiny_bert, tmp_path):
     with pytest.raises(TaskHeadError, match=rf"{tiny_bert}/task_head.json: not found; .* is not a fine-tuned teacher"):
         load_task_head(tiny_bert)
     torch.manual_seed(0)
-    out = classifier.save_tuned_teacher(classifier.build_task_model(str(tiny_bert), [0, 1], "first_token"),
+    out = classifier.save_task_model(classifier.build_task_model(str(tiny_bert), [0, 1], "first_token"),
                                         tmp_path / "tuned")
     info = json.loads((out / classifier.HEAD_INFO).read_text())
     (out / classifier.HEAD_INFO).write_text(json.dumps({**info, "format": "someone.else"}))
@@ -277,6 +277,27 @@ def test_ranks_share_out_whole_steps_and_a_position_restores_the_next_batch(task
     with pytest.raises(TaskError, match=r"train.jsonl: its 160 training examples do not fill one step of "
                                         r"finetune.global_batch_size=256"):
         TaskBatches(encoded, task_files["train"], 0, 1, 128, global_batch=256)
+
+
+def test_length_grouping_keeps_the_epochs_examples_and_makes_steps_of_similar_lengths(task_files):
+    task = load_task(task_cfg(train=task_files["train"], validation=task_files["validation"], text_field="sentence"))
+    encoded = encode_split(task.splits["train"], testing.build_tokenizer("bert"), 32)
+    lengths = np.array([len(row) for row in encoded.input_ids])
+    plain = TaskBatches(encoded, task_files["train"], 0, 1, 4, global_batch=8, seed=3)
+    grouped = TaskBatches(encoded, task_files["train"], 0, 1, 4, global_batch=8, seed=3, group_steps=5)
+    for epoch in (0, 1):
+        a, b = plain.epoch_order(epoch), grouped.epoch_order(epoch)
+        assert sorted(a.tolist()) == sorted(b.tolist()) and not np.array_equal(a, b)
+        # Each run of 5 steps holds the same examples as the plain order's, now sorted into steps.
+        for pool in range(0, len(a), 40):
+            assert sorted(a[pool:pool + 40].tolist()) == sorted(b[pool:pool + 40].tolist())
+        spread = lambda order: np.mean([np.ptp(lengths[order[i:i + 8]]) for i in range(0, len(order), 8)])  # noqa: E731
+        assert spread(b) < 0.5 * spread(a), (spread(a), spread(b))
+    # Still one order for any world size: the steps of 1 rank x 2 micro-batches are those of 2 ranks x 1.
+    ranks = [TaskBatches(encoded, task_files["train"], r, 2, 4, global_batch=8, seed=3, group_steps=5) for r in (0, 1)]
+    for _ in range(4):
+        step_one = torch.cat([grouped.next_batch()["labels"], grouped.next_batch()["labels"]])
+        assert torch.equal(step_one, torch.cat([r.next_batch()["labels"] for r in ranks]))
 
 
 # ----------------------------------------------------------------------------- real runs of the stage
@@ -413,3 +434,51 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_ends_like_an_uninterrupted_run
     resumed = testing.run_command(["python", SCRIPT, *args], timeout=300)
     assert f"at step {step}" in resumed.stderr
     assert train_losses(out) == train_losses(finished_run / "teacher_tuned")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("init", ["truncate", "model"])
+def test_the_student_baseline_is_the_distilled_students_architecture_tuned_on_the_labels(finished_run, task_files,
+                                                                                        tmp_path, init):
+    """finetune.backbone=student: the distill stage's student (the tuned teacher's first layer, or a separate
+    narrower model with its linear map to the teacher's width) plus a head, trained for distill's steps."""
+    from transformers import AutoModel
+
+    from dist_sense.model.student import Student
+
+    tuned = finished_run / "teacher_tuned" / "final"
+    extra = {"finetune.backbone": "student", "distill.steps": 12, "distill.global_batch_size": 16,
+             "distill.micro_batch_size": 8, "distill.lr": 2e-3, "distill.warmup_steps": 2, "distill.layers": 1,
+             "corpus.max_length": 32}
+    if init == "model":
+        small = tmp_path / "small"
+        testing.tiny_config("bert", len(testing.build_tokenizer("bert")), hidden=16, layers=1).save_pretrained(small)
+        extra.update({"distill.init": "model", "distill.student_model": small})
+    run_dir = tmp_path / "run"
+    proc = testing.run_command(["python", SCRIPT, *args_for(run_dir, tuned, task_files, **extra)], timeout=300)
+    final = run_dir / "student_tuned" / "final"
+    assert proc.stdout.strip().splitlines()[-1] == str(final)
+    assert sorted(train_losses(run_dir / "student_tuned")) == list(range(1, 13))  # distill.steps, not finetune's 30
+    info = json.loads((final / classifier.HEAD_INFO).read_text())
+    assert info["backbone"] == "student" and info["d"] == 32 and info["steps"] == 12  # the teacher's width
+    student_info = json.loads((final / "student.json").read_text())
+    assert student_info["init"] == init and student_info["teacher_d"] == 32
+    assert student_info["student_d"] == (16 if init == "model" else 32) and student_info["layers"] == 1
+    assert list((run_dir / "tb" / "finetune_student").glob("events.out.tfevents.*"))
+    model = classifier.load_task_model(final)
+    assert isinstance(model.backbone, Student)
+    check = load_file(final / classifier.HEAD_CHECK)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the trainer's thread count: the same sums in the same order
+    try:
+        with torch.no_grad():
+            logits = model(*(check[k] for k in ("input_ids", "attention_mask", "special_mask")))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(logits, check["logits"])
+    if init == "truncate":  # it started from the tuned teacher's first layer and was trained away from it
+        teacher = AutoModel.from_pretrained(tuned).encoder.layer[0].attention.self.query.weight
+        trained = model.backbone.backbone.encoder.layer[0].attention.self.query.weight
+        assert trained.shape == teacher.shape and not torch.equal(trained, teacher)
+    evals = [m for m in metrics(run_dir / "student_tuned") if "eval/accuracy" in m]
+    assert evals[-1]["eval/accuracy"] > 1 / len(TOPIC_NAMES), evals

@@ -17,7 +17,14 @@ from dist_sense.model import classifier
 from dist_sense.model.encoder import SenseEncoder
 from dist_sense.stages.evaluate.probes import SYSTEMS, EvalError
 from dist_sense.stages.evaluate.stage import teacher_net
-from dist_sense.stages.evaluate.task_head import macro_f1, system_predictions, task_head_metrics
+from dist_sense.stages.evaluate.task_head import (
+    METRICS,
+    TASK_SYSTEMS,
+    head_predictions,
+    macro_f1,
+    pooled_features,
+    task_head_metrics,
+)
 
 TRAIN = [{"text": "bank loan", "label": "no"}, {"text": "bat ball", "label": "yes"}]
 # Truth no, yes, yes, yes, no; the teacher says what the first word says: no, yes, no, yes, no.
@@ -75,7 +82,7 @@ def test_each_system_is_scored_through_the_frozen_head(tmp_path):
     teacher = save_head_only(hand_made_head("first_token"), tmp_path / "tuned")
     notes = {"skipped": {}}
     metrics = task_head_metrics(config(tmp_path, teacher, **{"eval.batch_size": 2}), encoders, notes)
-    assert len(metrics) == 4 * len(SYSTEMS)
+    assert len(metrics) == len(METRICS) * len(TASK_SYSTEMS) and set(TASK_SYSTEMS) == {*SYSTEMS, "student_tuned"}
     expected = {"teacher": (0.8, 0.8), "teacher_senses": (0.8, 0.8),
                 "student_senses": (0.6, (0 + 6 / 8) / 2),  # snapped to "yes" everywhere
                 "student_no_kd": (0.6, 0.375)}  # zeros: logits (0, 1), "yes" everywhere
@@ -84,12 +91,17 @@ def test_each_system_is_scored_through_the_frozen_head(tmp_path):
         assert metrics[f"task.toy.{system}.macro_f1"] == pytest.approx(f1)
         assert metrics[f"task.toy.{system}.stderr"] == pytest.approx(math.sqrt(accuracy * (1 - accuracy) / 5))
         assert metrics[f"task.toy.{system}.ratio_to_teacher"] == pytest.approx(accuracy / 0.8)
-    assert all(metrics[f"task.toy.student_mse.{m}"] is None for m in ("accuracy", "macro_f1", "stderr"))
-    # Only content tokens are snapped: every word of the split once, never [CLS], [SEP] or padding.
-    words = sorted(vocab[w] for row in TEST for w in row["text"].split())
+    assert all(metrics[f"task.toy.{s}.{m}"] is None for s in ("student_mse", "student_tuned") for m in METRICS)
+    # Own heads: fitted on the two training rows, whose first words tell the classes apart as on the test rows.
+    assert metrics["task.toy.teacher.own_head_accuracy"] == pytest.approx(0.8)
+    assert metrics["task.toy.teacher_senses.own_head_accuracy"] == pytest.approx(0.8)
+    assert notes["task_head"]["own_head_examples"] == 2
+    # Only content tokens are snapped: every word of the judged and own-head splits once, never [CLS],
+    # [SEP] or padding.
+    words = sorted(vocab[w] for row in TEST + TRAIN for w in row["text"].split())
     assert sorted(teacher_table.asked) == words and sorted(student_table.asked) == words
     assert notes["task_head"]["split"] == "test" and notes["task_head"]["pooling"] == "first_token"
-    assert notes["task_head"]["examples"] == 5 and not notes["skipped"]
+    assert notes["task_head"]["examples"] == 5 and set(notes["skipped"]) == {"student_tuned"}
 
 
 def test_macro_f1_is_sklearns():
@@ -107,7 +119,7 @@ def test_the_teacher_through_its_own_head_gives_the_tuned_models_predictions(tin
     with torch.no_grad():  # a random head with weights large enough that its predictions differ between examples
         model.head.dense.weight.normal_(0, 1)
         model.head.classifier.weight.normal_(0, 3)
-    tuned = classifier.save_tuned_teacher(model, tmp_path / "tuned", tokenizer)
+    tuned = classifier.save_task_model(model, tmp_path / "tuned", tokenizer)
     files = {split: write_jsonl(tmp_path / f"{split}.jsonl", topic_examples(n, seed))
              for split, n, seed in (("train", 40, 1), ("validation", 24, 2))}
     cfg = RunConfig.load(None, [f"{k}={v}" for k, v in {
@@ -129,7 +141,8 @@ def test_the_teacher_through_its_own_head_gives_the_tuned_models_predictions(tin
         expected = np.array([int(whole(**{k: v for k, v in collate(encoded, [r], 0).items() if k != "labels"})
                                  .argmax()) for r in range(len(encoded))])
     head = classifier.load_task_head(tuned)
-    got = system_predictions(encoders, head, encoded, 5, tokenizer.pad_token_id)
+    pooled = pooled_features(encoders, TASK_SYSTEMS, encoded, 5, tokenizer.pad_token_id, head.pooling, "test")
+    got = {system: head_predictions(head, features, system) for system, features in pooled.items()}
     assert np.array_equal(got["teacher"], expected) and len(set(expected.tolist())) > 1
     assert set(got) == {"teacher", "teacher_senses"}
     assert metrics["task.topics.teacher.accuracy"] == pytest.approx(float((expected == split.label_ids).mean()))
@@ -151,7 +164,7 @@ def test_a_student_of_another_width_or_a_head_of_another_task_is_refused(tmp_pat
     teacher = save_head_only(hand_made_head("mean"), tmp_path / "tuned")
     encoders = {"teacher": hand_made_encoder(tokenizer, lambda ids: torch.ones(*ids.shape, 2), RecordingTable()),
                 "student": hand_made_encoder(tokenizer, lambda ids: torch.ones(*ids.shape, 3), RecordingTable())}
-    with pytest.raises(EvalError, match=r"student_senses: states of width 3, but the tuned teacher's head reads d=2"):
+    with pytest.raises(EvalError, match=r"student_senses: states of width 3, but the head reads d=2"):
         task_head_metrics(config(tmp_path, teacher), encoders, {})
     other = classifier.TaskHead(2, ["maybe", "no", "yes"], "mean")
     save_head_only(other, tmp_path / "other")

@@ -236,6 +236,9 @@ class DistillConfig(TrainingSection):
     """Save a DeepSpeed checkpoint every this many steps (and always at the end)."""
     eval_fraction: float = 0.05
     """Share of label shards' sequences held out for evaluation."""
+    group_by_length: int = 0
+    """Length grouping: each run of this many steps' shuffled windows (within a label shard) is sorted by
+    length and cut into steps, and the steps shuffled, so batches pad little (0: plain shuffling)."""
     seed: int = 0
     """Seed of data order and initialisation."""
     ds_config: str = "ds_configs/z2.json"
@@ -246,7 +249,7 @@ class DistillConfig(TrainingSection):
         check_choice("distill.loss", self.loss, ("kd", "mse"))
         for name in ("layers", "global_batch_size", "micro_batch_size", "steps"):
             check_positive(f"distill.{name}", getattr(self, name))
-        for name in ("warmup_steps", "eval_every", "save_every"):
+        for name in ("warmup_steps", "eval_every", "save_every", "group_by_length"):
             check_nonnegative(f"distill.{name}", getattr(self, name))
         if self.lr <= 0:
             raise ConfigError(f"distill.lr={self.lr}: must be > 0")
@@ -276,10 +279,16 @@ class EvalConfig(Section):
     """Examples read per probe task (and WiC pairs)."""
     mse_student: str = ""
     """The MSE-trained baseline student; empty means RUN/student_mse/final when it exists."""
+    tuned_student: str = ""
+    """The student fine-tuned directly on the task's labels (finetune.backbone=student); empty means
+    RUN/student_tuned/final when it exists."""
+    own_head_examples: int = 2000
+    """Training examples of the task whose pooled states fit each system's own head (logistic regression)."""
 
     def _check(self) -> None:
         check_positive("eval.max_documents", self.max_documents)
         check_positive("eval.max_probe_examples", self.max_probe_examples)
+        check_positive("eval.own_head_examples", self.own_head_examples)
         for task in self.probe_tasks:
             if "=" not in str(task):
                 raise ConfigError(f"eval.probe_tasks: {task!r} must be name=path.jsonl")

@@ -158,9 +158,11 @@ class LabelData:
 
     def __init__(self, labels_dir, manifest: dict, rank: int, world_size: int, micro_batch: int,
                  global_batch: int = 0, seed: int = 0, eval_fraction: float = 0.0, pad_id: int = 0,
-                 skip_fields: tuple[str, ...] = ()):
+                 skip_fields: tuple[str, ...] = (), group_steps: int = 0):
         self.dir = Path(labels_dir)
         self.rank, self.world, self.micro = rank, world_size, micro_batch
+        self.step_windows = global_batch or world_size * micro_batch
+        self.group = group_steps * self.step_windows  # windows per length group (0: none)
         self.seed, self.pad_id, self.skip = seed, pad_id, tuple(skip_fields)
         self.shards = [entry["file"] for entry in manifest.get("shards", [])]
         self.index = [shard_index(self.dir / e["file"], e.get("samples")) for e in manifest.get("shards", [])]
@@ -202,13 +204,30 @@ class LabelData:
     # ------------------------------------------------------------------ training batches
 
     def epoch_order(self, epoch: int) -> list[tuple[int, str]]:
-        """(shard, key) of the epoch's training windows, in order, cut to whole optimizer steps."""
+        """(shard, key) of the epoch's training windows, in order, cut to whole optimizer steps.
+
+        Shards in a shuffled order, each shard's windows shuffled. With length groups (group_steps),
+        each run of that many steps' windows of one shard is sorted by length (the byte size of its
+        input_ids member, read from the index) and cut into blocks of one step, whose order is then
+        shuffled: steps pad little, a shard's windows stay contiguous (one read per shard), and the
+        order stays a function of (seed, epoch) alone."""
         rng = np.random.default_rng([self.seed, epoch])
         order = []
         for shard in rng.permutation(len(self.shards)):
-            keys = self.train_keys[shard]
-            order.extend((int(shard), keys[i]) for i in rng.permutation(len(keys)))
+            keys = [self.train_keys[shard][i] for i in rng.permutation(len(self.train_keys[shard]))]
+            if self.group:
+                keys = self._grouped(keys, self.index[shard], rng)
+            order.extend((int(shard), key) for key in keys)
         return order[: self.micro_per_epoch * self.world * self.micro]
+
+    def _grouped(self, keys: list[str], index: dict, rng) -> list[str]:
+        """`keys` in length groups: each run of self.group sorted by size, its step-sized blocks shuffled."""
+        per_step, out = self.step_windows, []
+        for start in range(0, len(keys), self.group):
+            pool = sorted(keys[start:start + self.group], key=lambda k: index[k]["input_ids"][1])
+            blocks = [pool[i:i + per_step] for i in range(0, len(pool), per_step)]
+            out.extend(key for b in rng.permutation(len(blocks)) for key in blocks[b])
+        return out
 
     def _roll_epoch(self) -> None:
         if self.micro_done >= self.micro_per_epoch:

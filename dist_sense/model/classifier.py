@@ -9,7 +9,7 @@ senses later, never at special tokens:
 `head_logits(head, states, attention_mask, special_mask)` is the one way logits are computed,
 in training and when judging any system's (snapped) states: the teacher's, a student's.
 
-On disk (save_tuned_teacher) a tuned teacher is a model folder any stage can use as
+On disk (save_task_model) a tuned teacher is a model folder any stage can use as
 model.teacher: the backbone's save_pretrained files and the tokenizer, plus
   task_head.safetensors        the head's weights (dense, classifier)
   task_head.json               format, version, task, labels (id order), pooling, d, dropout, ...
@@ -76,21 +76,52 @@ def pool_states(states: torch.Tensor, attention_mask: torch.Tensor, special_mask
 
 def head_logits(head: TaskHead, states: torch.Tensor, attention_mask: torch.Tensor, special_mask: torch.Tensor):
     """[B, classes] logits of `head` on states [B, L, d] (any system's; cast to the head's dtype):
-    pool, then classifier(dropout(tanh(dense(pooled)))). Dropout acts only in train mode."""
-    pooled = pool_states(states.to(head.dense.weight.dtype), attention_mask, special_mask, head.pooling)
+    pool, then pooled_logits. Dropout acts only in train mode."""
+    return pooled_logits(head, pool_states(states.to(head.dense.weight.dtype), attention_mask, special_mask,
+                                           head.pooling))
+
+
+def pooled_logits(head: TaskHead, pooled: torch.Tensor) -> torch.Tensor:
+    """[B, classes] logits of `head` on already pooled states [B, d]: classifier(dropout(tanh(dense(pooled))))."""
+    pooled = pooled.to(head.dense.weight.dtype)
     return head.classifier(head.dropout(torch.tanh(head.dense(pooled))))
 
 
 class TaskModel(nn.Module):
-    """forward(input_ids, attention_mask, special_mask) -> logits: the backbone's last states through the head."""
+    """forward(input_ids, attention_mask, special_mask) -> logits: the backbone's last states through the head.
+
+    The backbone is an HF model (the teacher) or a model.student.Student (the directly fine-tuned
+    student baseline), whose forward already gives states at the teacher's width."""
 
     def __init__(self, backbone: nn.Module, head: TaskHead):
         super().__init__()
         self.backbone, self.head = backbone, head
 
+    def states(self, input_ids, attention_mask):
+        if _is_student(self.backbone):
+            return self.backbone(input_ids, attention_mask)
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+
     def forward(self, input_ids, attention_mask, special_mask):
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
-        return self.head(out.last_hidden_state, attention_mask, special_mask)
+        return self.head(self.states(input_ids, attention_mask), attention_mask, special_mask)
+
+
+def _is_student(module: nn.Module) -> bool:
+    from dist_sense.model.student import Student
+
+    return isinstance(module, Student)
+
+
+def _head_dropout(config) -> float:
+    named = (getattr(config, "pooler_dropout", None), getattr(config, "hidden_dropout_prob", None))
+    return float(next((p for p in named if isinstance(p, (int, float))), DEFAULT_DROPOUT))
+
+
+def build_student_task_model(student: nn.Module, labels: list, pooling: str, info: dict | None = None) -> TaskModel:
+    """A model.student.Student with a freshly initialised head over its teacher-width states (seed torch first)."""
+    head = TaskHead(student.teacher_d, labels, pooling, _head_dropout(student.backbone.config),
+                    {**(info or {}), "base_student": str(student.info.get("source"))})
+    return TaskModel(student, head)
 
 
 def build_task_model(teacher: str, labels: list, pooling: str, info: dict | None = None) -> TaskModel:
@@ -110,9 +141,7 @@ def build_task_model(teacher: str, labels: list, pooling: str, info: dict | None
     d = int(getattr(config, "hidden_size", 0) or 0)
     if d <= 0:
         raise TeacherError(f"model.teacher={teacher}: its config has no hidden_size, so no head can be sized")
-    named = (getattr(config, "pooler_dropout", None), getattr(config, "hidden_dropout_prob", None))
-    dropout = float(next((p for p in named if isinstance(p, (int, float))), DEFAULT_DROPOUT))
-    head = TaskHead(d, labels, pooling, dropout, {**(info or {}), "base_teacher": str(path)})
+    head = TaskHead(d, labels, pooling, _head_dropout(config), {**(info or {}), "base_teacher": str(path)})
     return TaskModel(backbone, head)
 
 
@@ -132,18 +161,24 @@ def head_description(head: TaskHead, extra: dict | None = None) -> dict:
             **(extra or {})}
 
 
-def save_tuned_teacher(module: nn.Module, out_dir, tokenizer=None, extra: dict | None = None,
-                       check: dict | None = None) -> Path:
-    """Write the backbone (save_pretrained), the tokenizer, task_head.safetensors, task_head.json and,
-    given `check` (tensors: inputs and the logits they gave), task_head_check.safetensors into `out_dir`."""
+def save_task_model(module: nn.Module, out_dir, tokenizer=None, extra: dict | None = None,
+                    check: dict | None = None) -> Path:
+    """Write the backbone (save_pretrained; a student through model.student.save_student), the tokenizer,
+    task_head.safetensors, task_head.json and, given `check` (tensors: inputs and the logits they gave),
+    task_head_check.safetensors into `out_dir`."""
     from safetensors.torch import save_file
+
+    from dist_sense.model.student import save_student
 
     model = unwrap(module)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.backbone.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+    if _is_student(model.backbone):
+        save_student(model.backbone, out, tokenizer)
+    else:
+        model.backbone.save_pretrained(out)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.head.state_dict().items()}
     save_file(state, out / HEAD_WEIGHTS, metadata={"format": HEAD_FORMAT, "version": str(HEAD_VERSION)})
     if check is not None:
@@ -202,10 +237,19 @@ def load_task_head(directory, device: str | torch.device = "cpu") -> TaskHead:
 
 
 def load_task_model(directory, device: str | torch.device = "cpu") -> TaskModel:
-    """The tuned teacher in `directory` (backbone and head), frozen, in eval mode on `device`."""
+    """The tuned model in `directory` (backbone and head; a tuned teacher or a directly tuned student),
+    frozen, in eval mode on `device`."""
     from transformers import AutoModel
 
+    from dist_sense.model.student import INFO_NAME, load_student
+
     head = load_task_head(directory, device)
+    if (Path(directory) / INFO_NAME).is_file():
+        student = load_student(directory, device)
+        if student.teacher_d != head.d:
+            raise TaskHeadError(f"{Path(directory) / HEAD_INFO}: head of d={head.d}, but the student in {directory} "
+                                f"maps to {student.teacher_d}: the head belongs to another model")
+        return TaskModel(student.requires_grad_(False), head).eval()
     try:
         backbone = AutoModel.from_pretrained(directory, dtype=torch.float32)
     except Exception as err:

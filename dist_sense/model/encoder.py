@@ -12,6 +12,8 @@ built once (losses.sense_table: the same transform the distillation loss uses).
 """
 from __future__ import annotations
 
+import copy
+
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +104,14 @@ class SenseEncoder:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.table = SnapTable(dictionary, similarity, self.device)
         self.max_length = min(max_length, _positions(model) or max_length)
+
+    def with_model(self, model, forward=None) -> "SenseEncoder":
+        """Another model read through this encoder's tokenizer, dictionary and snapping table (shared, not
+        rebuilt); forward defaults to the model itself (a student)."""
+        other = copy.copy(self)
+        other.model, other._forward = model, forward or model
+        other.max_length = min(self.max_length, _positions(model) or self.max_length)
+        return other
 
     @classmethod
     def load(cls, run_dir, model: str = "student", similarity: str | None = None, device=None,

@@ -236,7 +236,8 @@ def _run(cfg: RunConfig, env, plan: dict, out_dir: Path, stop: StopOnSignal) -> 
     data = LabelData(cfg.run_path / "labels", plan["manifest"], env.rank, env.world_size, plan["micro"],
                      global_batch=cfg.distill.global_batch_size, seed=cfg.distill.seed, eval_fraction=cfg.distill.eval_fraction,
                      pad_id=tokenizer.pad_token_id or 0,
-                     skip_fields=() if cfg.distill.loss == "mse" else ("teacher",))  # the sense loss never reads them
+                     skip_fields=() if cfg.distill.loss == "mse" else ("teacher",),  # the sense loss never reads them
+                     group_steps=cfg.distill.group_by_length)
     senses = SenseTable(plan["dictionary"], engine.device, cfg.distill.loss, float(plan["manifest"].get("temperature") or 1.0),
                         dtype=torch.bfloat16 if engine.bfloat16_enabled() else torch.float32,
                         similarity=plan["manifest"].get("similarity") or "dot")

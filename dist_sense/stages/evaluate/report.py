@@ -80,11 +80,16 @@ def _task_head(metrics: dict, details: dict) -> list[str]:
     note = details.get("task_head", {})
     lines = ["## Through the tuned teacher's head", "",
              f"Each system's final-layer states (snapped where the system snaps) go through the frozen pooler and "
-             f"classifier of the teacher fine-tuned on the task (pooling: {note.get('pooling', 'n/a')}, split: "
-             f"{note.get('split', 'n/a')}). ratio: accuracy over the tuned teacher's.", ""]
-    lines += _table(["task", "system", "accuracy", "± stderr", "macro F1", "ratio"],
+             f"classifier of the teacher fine-tuned on the task (pooling: {note.get('pooling', 'n/a')} over the "
+             f"non-special tokens, so the head reads the snapped states; split: {note.get('split', 'n/a')}, "
+             f"{_fmt(note.get('examples'))} examples). ratio: accuracy over the tuned teacher's. student_tuned is "
+             f"the student's architecture fine-tuned directly on the labels, read through its own fine-tuned head. "
+             f"own head: a logistic regression fitted on the system's pooled states of "
+             f"{_fmt(note.get('own_head_examples'))} training examples.", ""]
+    lines += _table(["task", "system", "accuracy", "± stderr", "macro F1", "ratio", "own head"],
                     [[task, system, _fmt(m.get("accuracy")), _fmt(m.get("stderr")), _fmt(m.get("macro_f1")),
-                      _fmt(m.get("ratio_to_teacher"), 3)] for (task, system), m in rows.items()])
+                      _fmt(m.get("ratio_to_teacher"), 3), _fmt(m.get("own_head_accuracy"))]
+                     for (task, system), m in rows.items()])
     return lines
 
 

@@ -37,7 +37,7 @@ REPORT_WORDS = 8
 EXAMPLES_PER_SENSE = 2
 PLOT_WORDS, PLOT_CANDIDATES = 4, 16
 """Words drawn in senses.png, chosen among this many ambiguous words."""
-PLOT_DOCUMENTS, PLOT_OCCURRENCES = 20000, 150
+PLOT_DOCUMENTS, PLOT_OCCURRENCES = 2000, 150
 """Training documents searched for the plotted words; occurrences drawn per word."""
 
 
@@ -80,13 +80,14 @@ def untrained_student(cfg: RunConfig, trained, d: int, device):
 
 def open_encoders(cfg: RunConfig, tokenizer, dictionary: SenseDictionary, device, notes: dict) -> dict:
     """name -> SenseEncoder (None for a missing optional MSE student, with the reason in notes)."""
-    def wrap(net, forward=None):
-        return SenseEncoder(net, tokenizer, dictionary, forward or net, cfg.eval.similarity, device,
-                            max_length=min(int(tokenizer.model_max_length or 512), 512))
+    net, forward = teacher_net(cfg, device)
+    teacher = SenseEncoder(net, tokenizer, dictionary, forward, cfg.eval.similarity, device,
+                           max_length=min(int(tokenizer.model_max_length or 512), 512))
+    wrap = teacher.with_model  # one snapping table for every system
 
     student_dir = cfg.run_path / "student" / "final"
     student = saved_student(student_dir, "distilled student", device, cfg.run_path / "dictionary")
-    encoders = {"student": wrap(student), "teacher": wrap(*teacher_net(cfg, device)),
+    encoders = {"student": wrap(student), "teacher": teacher,
                 "student_no_kd": wrap(untrained_student(cfg, student, dictionary.d, device)), "student_mse": None}
     # The MSE baseline is optional unless the config names it.
     mse_dir = Path(cfg.eval.mse_student) if cfg.eval.mse_student else cfg.run_path / "student_mse" / "final"

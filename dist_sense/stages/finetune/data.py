@@ -21,9 +21,9 @@ class TaskBatches:
     """This rank's training micro-batches of an encoded train split."""
 
     def __init__(self, encoded: EncodedSplit, source: Path, rank: int, world_size: int, micro_batch: int,
-                 global_batch: int, seed: int = 0, pad_id: int = 0):
+                 global_batch: int, seed: int = 0, pad_id: int = 0, group_steps: int = 0):
         self.encoded, self.rank, self.world, self.micro = encoded, rank, world_size, micro_batch
-        self.seed, self.pad_id = seed, pad_id
+        self.seed, self.pad_id, self.global_batch, self.group_steps = seed, pad_id, global_batch, group_steps
         if global_batch % (world_size * micro_batch):
             raise ValueError(f"global batch {global_batch} is not a multiple of {world_size} x {micro_batch}")
         n = len(encoded)
@@ -49,9 +49,24 @@ class TaskBatches:
         self.epoch, self.micro_done, self._order = int(position["epoch"]), samples // per_round, None
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """Row numbers of the epoch's training examples, in order, cut to whole optimizer steps."""
+        """Row numbers of the epoch's training examples, in order, cut to whole optimizer steps.
+
+        With group_steps, each run of group_steps steps' examples (of the shuffled order) is sorted by
+        length and cut into steps, and those steps are shuffled: a step's examples have similar lengths,
+        so its micro-batches pad little, and the order stays a function of (seed, epoch) alone."""
         rng = np.random.default_rng([self.seed, epoch])
-        return rng.permutation(len(self.encoded))[: self.micro_per_epoch * self.world * self.micro]
+        order = rng.permutation(len(self.encoded))[: self.micro_per_epoch * self.world * self.micro]
+        if not self.group_steps:
+            return order
+        lengths = np.array([len(row) for row in self.encoded.input_ids])
+        pool = self.group_steps * self.global_batch
+        grouped = []
+        for start in range(0, len(order), pool):
+            rows = order[start:start + pool]
+            rows = rows[np.argsort(lengths[rows], kind="stable")]
+            steps = rows.reshape(-1, self.global_batch)  # whole steps: pools and the epoch hold whole steps
+            grouped.append(steps[rng.permutation(len(steps))].reshape(-1))
+        return np.concatenate(grouped)
 
     def next_batch(self) -> dict:
         """This rank's next micro-batch (input_ids, attention_mask, special_mask, labels); epochs roll over."""

@@ -1,12 +1,17 @@
 """The GLUE setting's first stage: fine-tune the teacher on a labelled task under DeepSpeed ZeRO-2.
 
-Inputs: model.teacher (the base teacher) and the task files (task.*). Output: RUN/teacher_tuned/
-(or finetune.output):
+Inputs: finetune.teacher (else model.teacher: the base teacher) and the task files (task.*).
+With finetune.backbone=student the same stage trains the baseline a user compares the sense
+student with: the distilled student's architecture and starting weights (distill.init from
+model.teacher, distill.freeze_embeddings), a fresh head, cross-entropy on the labels, and
+distill's steps, warm-up, batch sizes and optimizer values, so it gets the budget the sense
+student got (`effective_config`); its output is RUN/student_tuned/.
+Output: RUN/teacher_tuned/ (or finetune.output):
   checkpoints/stepN/   DeepSpeed checkpoints (every finetune.save_every steps and at the end); client
                        state: data position, every rank's RNG state, the run identity
   metrics.jsonl        one JSON line per step and per evaluation (rank 0)
   identity.json        what the output was made from (stages/guard.py)
-  final/               the tuned teacher (model/classifier.py: save_tuned_teacher), written to a
+  final/               the tuned teacher (model/classifier.py: save_task_model), written to a
                        temporary name and renamed: a model folder to use as model.teacher, whose
                        frozen head judges every system's (snapped) final-layer states
 The loss is cross-entropy of the head's logits on the train split; validation accuracy is logged
@@ -18,7 +23,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -27,7 +32,7 @@ from dist_sense import comm
 from dist_sense.config import ConfigError, RunConfig
 from dist_sense.formats.identity import file_digest
 from dist_sense.formats.tasks import collate, encode_split, load_task, task_fingerprints
-from dist_sense.model.classifier import HEAD_INFO, build_task_model, save_tuned_teacher
+from dist_sense.model.classifier import HEAD_INFO, build_student_task_model, build_task_model, save_task_model
 from dist_sense.model.teacher import check_fits, load_tokenizer, position_limit, resolve_model_path, teacher_fingerprint
 from dist_sense.runtime.faults import crash_point
 from dist_sense.stages.distill.checkpoints import latest_tag, resume, save_checkpoint, seed_everything
@@ -46,8 +51,22 @@ CHECK_EXAMPLES = 8
 
 
 def tuned_dir(cfg: RunConfig) -> Path:
-    """RUN/teacher_tuned, or finetune.output."""
-    return Path(cfg.finetune.output) if cfg.finetune.output else cfg.run_path / "teacher_tuned"
+    """RUN/teacher_tuned (RUN/student_tuned for backbone=student), or finetune.output."""
+    if cfg.finetune.output:
+        return Path(cfg.finetune.output)
+    return cfg.run_path / ("student_tuned" if cfg.finetune.backbone == "student" else "teacher_tuned")
+
+
+def effective_config(cfg: RunConfig) -> RunConfig:
+    """The config the stage runs on. backbone=teacher: model.teacher is finetune.teacher when set (the base
+    to tune). backbone=student: finetune's steps, warm-up, batch sizes, lr and weight decay are distill's."""
+    if cfg.finetune.backbone == "student":
+        taken = {k: getattr(cfg.distill, k) for k in ("steps", "warmup_steps", "global_batch_size",
+                                                      "micro_batch_size", "lr", "weight_decay")}
+        return replace(cfg, finetune=replace(cfg.finetune, **taken))
+    if cfg.finetune.teacher:
+        return replace(cfg, model=replace(cfg.model, teacher=cfg.finetune.teacher))
+    return cfg
 
 
 def run_identity(cfg: RunConfig) -> dict:
@@ -59,8 +78,12 @@ def run_identity(cfg: RunConfig) -> dict:
     settings = {k: v for k, v in asdict(cfg.finetune).items() if k not in OPERATIONAL_KEYS}
     engine = Path(cfg.finetune.ds_config)
     settings["ds_config"] = file_digest(engine) if engine.is_file() else cfg.finetune.ds_config
-    return {"teacher_fingerprint": teacher_fingerprint(model_path, tokenizer_path),
-            "task_fingerprints": task_fingerprints(cfg.task), "task": task, "finetune": settings}
+    identity = {"teacher_fingerprint": teacher_fingerprint(model_path, tokenizer_path),
+                "task_fingerprints": task_fingerprints(cfg.task), "task": task, "finetune": settings}
+    if cfg.finetune.backbone == "student":  # what the student is made of
+        identity["student"] = {k: getattr(cfg.distill, k) for k in ("init", "layers", "student_model",
+                                                                    "freeze_embeddings", "seed")}
+    return identity
 
 
 def prepare(cfg: RunConfig, env) -> dict:
@@ -85,7 +108,8 @@ def prepare(cfg: RunConfig, env) -> dict:
                      len(split), cfg.finetune.max_length)
     pad_id = tokenizer.pad_token_id or 0
     data = TaskBatches(encoded["train"], task.splits["train"].path, env.rank, env.world_size, micro,
-                       cfg.finetune.global_batch_size, seed=cfg.finetune.seed, pad_id=pad_id)
+                       cfg.finetune.global_batch_size, seed=cfg.finetune.seed, pad_id=pad_id,
+                       group_steps=cfg.finetune.group_by_length)
     return {"task": task, "tokenizer": tokenizer, "encoded": encoded, "data": data, "micro": micro, "accum": accum,
             "identity": run_identity(cfg), "pad_id": pad_id}
 
@@ -95,6 +119,7 @@ def run(cfg: RunConfig, restart: bool = False) -> Path:
 
     On SIGTERM: a checkpoint at the next step, then SystemExit(3) on every rank.
     restart: move an output made from another teacher, task or settings aside instead of refusing."""
+    cfg = effective_config(cfg)
     with StopOnSignal() as stop:  # installed before the (slow) start, so an early signal stops cleanly too
         env = comm.init_torch()
         plan = prepare(cfg, env)
@@ -111,7 +136,12 @@ def run(cfg: RunConfig, restart: bool = False) -> Path:
 def _run(cfg: RunConfig, env, plan: dict, out_dir: Path, stop: StopOnSignal) -> Path:
     task = plan["task"]
     seed_everything(cfg.finetune.seed)  # the same head on every rank
-    model = build_task_model(cfg.model.teacher, task.labels, cfg.finetune.pooling, info={"task": task.name})
+    if cfg.finetune.backbone == "student":
+        model = _student_task_model(cfg, plan)
+    else:
+        model = build_task_model(cfg.model.teacher, task.labels, cfg.finetune.pooling, info={"task": task.name})
+        if cfg.finetune.freeze_embeddings:
+            model.backbone.get_input_embeddings().requires_grad_(False)
     engine = _initialize(cfg, model, plan)
     seed_everything(cfg.finetune.seed + 1000 * (env.rank + 1))  # dropout differs by rank
     data = plan["data"]
@@ -119,15 +149,33 @@ def _run(cfg: RunConfig, env, plan: dict, out_dir: Path, stop: StopOnSignal) -> 
     step = resume(engine, ckpt_dir, plan["identity"], data)
     results = _train(cfg, engine, data, plan, out_dir, step, stop)
     if env.is_main:
-        _write_final(engine, out_dir, plan, results)
+        _write_final(cfg, engine, out_dir, plan, results)
     comm.barrier()
     return out_dir / "final"
+
+
+def _student_task_model(cfg: RunConfig, plan: dict):
+    """The distilled student's architecture and starting weights (as the distill stage builds it) with a head."""
+    from transformers import AutoConfig
+
+    from dist_sense.model.student import build_student, check_vocabulary
+
+    d = int(AutoConfig.from_pretrained(resolve_model_path(cfg.model.teacher)).hidden_size)
+    seed_everything(cfg.distill.seed)  # the distill stage's starting student (init=model: the same random weights)
+    student = build_student(cfg, d)
+    check_vocabulary(student, plan["tokenizer"])
+    if cfg.distill.freeze_embeddings:  # the same parameters trained as in distillation
+        student.backbone.get_input_embeddings().requires_grad_(False)
+    seed_everything(cfg.finetune.seed)
+    return build_student_task_model(student, plan["task"].labels, cfg.finetune.pooling,
+                                    info={"task": plan["task"].name, "backbone": "student"})
 
 
 def _initialize(cfg: RunConfig, model, plan: dict):
     engine, trained = start_engine(model, cfg.finetune, engine_config(cfg, plan["micro"], plan["accum"]))
     log.info("fine-tuning %s on %s (%d classes, %d train examples): %d parameters trained; micro batch %d x %d "
-             "ranks x %d accumulation = %d examples per step", model.head.info.get("base_teacher"),
+             "ranks x %d accumulation = %d examples per step",
+             model.head.info.get("base_teacher") or f"the student ({model.head.info.get('base_student')})",
              plan["task"].name, plan["task"].n_classes, len(plan["encoded"]["train"]), trained, plan["micro"],
              comm.detect().world_size, plan["accum"], cfg.finetune.global_batch_size)
     return engine
@@ -142,7 +190,7 @@ def _train(cfg: RunConfig, engine, data: TaskBatches, plan: dict, out_dir: Path,
     # from_pretrained hands the backbone over in eval mode: without this a resumed run (no step-0
     # evaluation, which ends in train()) would train without dropout and drift from an uninterrupted one.
     engine.module.train()
-    if step == 0 and (result := evaluate(engine, held_out["eval"], plan["micro"], plan["pad_id"])):
+    if step == 0 and every_eval and (result := evaluate(engine, held_out["eval"], plan["micro"], plan["pad_id"])):
         metrics.write(0, result)  # the starting point, for comparison
     saved_at = step
     while step < cfg.finetune.steps:
@@ -186,17 +234,19 @@ def reference_logits(module, encoded, pad_id: int, device) -> dict:
     return {**{k: batch[k] for k in ("input_ids", "attention_mask", "special_mask", "labels")}, "logits": logits}
 
 
-def _write_final(engine, out_dir: Path, plan: dict, results: dict) -> None:
+def _write_final(cfg: RunConfig, engine, out_dir: Path, plan: dict, results: dict) -> None:
     """OUTPUT/final/ via a temporary folder and a rename, so a crash never leaves half of it."""
     final, tmp, old = out_dir / "final", out_dir / f".final.tmp{os.getpid()}", out_dir / f".final.old{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     check = reference_logits(engine.module, plan["encoded"]["validation"], plan["pad_id"], engine.device)
     extra = {"task": plan["task"].name, "steps": int(engine.global_steps), "identity": plan["identity"],
+             "backbone": cfg.finetune.backbone,
              "accuracy": {k.split("/")[0].replace("eval", "validation"): v for k, v in results.items()
                           if k.endswith("/accuracy")}}
-    save_tuned_teacher(engine.module, tmp, plan["tokenizer"], extra=extra, check=check)
+    save_task_model(engine.module, tmp, plan["tokenizer"], extra=extra, check=check)
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
-    log.info("tuned teacher written to %s (validation accuracy %s)", final, extra["accuracy"].get("validation"))
+    log.info("tuned %s written to %s (validation accuracy %s)", cfg.finetune.backbone, final,
+             extra["accuracy"].get("validation"))

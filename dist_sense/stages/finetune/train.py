@@ -66,10 +66,11 @@ def evaluate(engine, encoded: EncodedSplit | None, micro: int, pad_id: int, pref
 
 
 class MetricsLog(StepLog):
-    """OUTPUT/metrics.jsonl, RUN/tb/finetune and the progress bar (rank 0)."""
+    """OUTPUT/metrics.jsonl, RUN/tb/finetune (finetune_student for the student baseline) and the progress bar (rank 0)."""
 
     def __init__(self, cfg: RunConfig, out_dir: Path, start_step: int):
-        super().__init__(out_dir / "metrics.jsonl", cfg.run_path, "finetune", cfg.finetune.steps, start_step, "finetune")
+        name = "finetune_student" if cfg.finetune.backbone == "student" else "finetune"  # RUN/tb/<name>
+        super().__init__(out_dir / "metrics.jsonl", cfg.run_path, name, cfg.finetune.steps, start_step, name)
 
     def train(self, step: int, stats: dict, lr: float, grad_norm) -> None:
         values = {"loss/ce": stats["loss"], "acc/train": stats["accuracy"], "lr": lr}
