@@ -16,12 +16,14 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 install: $(STAMP)
 
+# --no-compile: byte-compiling every installed module takes four fifths of the install (1 min 40 s
+# against 20 s on 2 cores); Python compiles what it imports, once, on first use.
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
-	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q --no-compile -r requirements.txt
+	$(PY) -m pip install -q --no-compile --no-deps -r requirements-nodeps.txt
+	$(PY) -m pip install -q --no-compile --no-deps -e .
 	$(PY) -m dist_sense.runtime.warmup
 	touch $(STAMP)
 

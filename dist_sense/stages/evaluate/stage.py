@@ -37,7 +37,7 @@ REPORT_WORDS = 8
 EXAMPLES_PER_SENSE = 2
 PLOT_WORDS, PLOT_CANDIDATES = 4, 16
 """Words drawn in senses.png, chosen among this many ambiguous words."""
-PLOT_DOCUMENTS, PLOT_OCCURRENCES = 2000, 150
+PLOT_DOCUMENTS, PLOT_OCCURRENCES = 1000, 150
 """Training documents searched for the plotted words; occurrences drawn per word."""
 
 
