@@ -11,13 +11,16 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# Let Python cache the bytecode of what it imports (some environments turn that off): otherwise every
+# one of the demo's dozen processes compiles torch, deepspeed and transformers again (about 4 s each).
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: install test test-fast demo bench clean
 
 install: $(STAMP)
 
 # --no-compile: byte-compiling every installed module takes four fifths of the install (1 min 40 s
-# against 20 s on 2 cores); Python compiles what it imports, once, on first use.
+# against 20 s on 2 cores); Python compiles what it imports, once, on first use (see above).
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
