@@ -24,13 +24,13 @@ from dist_sense.demo import movies, wordnet
 from dist_sense.formats.manifest import atomic_write_bytes, atomic_write_json
 
 HELD_OUT_PERCENT = 20
-PROBE_EXAMPLES = 1500
-DISTILL_DOCUMENTS = 5200
-"""Training snippets labelled for distillation: after the 5% held out, more than the 150 x 32 windows the students see."""
+PROBE_EXAMPLES = 1000
+DISTILL_DOCUMENTS = 4200
+"""Training snippets labelled for distillation: after the 5% held out, more than the 120 x 32 windows the students see."""
 VALIDATION_EXAMPLES = 600
 FINETUNE_STEPS = 64
 """Teacher fine-tuning steps of 32 snippets (2,048 of the 8,927 training snippets): under 1 s a step on 2 CPU cores."""
-WIC_PAIRS = 600
+WIC_PAIRS = 500
 
 
 def is_held_out(synset: wordnet.Synset) -> bool:
@@ -119,7 +119,7 @@ def prepare(run_dir: Path, wordnet_documents: int, steps: int, seed: int = 0) ->
         "distill": {"layers": 2, "steps": steps, "global_batch_size": 32, "micro_batch_size": 16, "lr": 5e-4,
                     "warmup_steps": 15, "eval_every": 0, "save_every": 100, "freeze_embeddings": True,
                     "group_by_length": 50},
-        "eval": {"corpus_path": str(data / "movies_test.jsonl"), "max_documents": 200, "own_head_examples": 800,
+        "eval": {"corpus_path": str(data / "movies_test.jsonl"), "max_documents": 200, "own_head_examples": 500,
                  "max_probe_examples": PROBE_EXAMPLES, "batch_size": 64,
                  "probe_tasks": [f"wordnet_supersense={data / 'probe_supersense.jsonl'}"], "wic_path": str(data / "wic.jsonl")},
     }
@@ -129,9 +129,9 @@ def prepare(run_dir: Path, wordnet_documents: int, steps: int, seed: int = 0) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", default="runs/demo")
-    parser.add_argument("--wordnet-documents", type=int, default=3000,
+    parser.add_argument("--wordnet-documents", type=int, default=2000,
                         help="WordNet training sentences and glosses added to the dictionary's corpus")
-    parser.add_argument("--steps", type=int, default=150, help="distillation steps")
+    parser.add_argument("--steps", type=int, default=120, help="distillation steps")
     args = parser.parse_args()
     print(prepare(Path(args.run_dir), args.wordnet_documents, args.steps))
 

@@ -80,8 +80,9 @@ class TaskBatches:
 
 
 def held_out_batches(encoded: EncodedSplit, rank: int, world_size: int, micro_batch: int, pad_id: int = 0):
-    """This rank's micro-batches of a held-out split, in row order (batch b goes to rank b % world; the
-    counts may differ by one, which is fine: nothing collective runs inside a ZeRO-2 forward)."""
-    starts = range(rank * micro_batch, len(encoded), world_size * micro_batch)
-    for start in starts:
-        yield collate(encoded, range(start, min(start + micro_batch, len(encoded))), pad_id)
+    """This rank's micro-batches of a held-out split: rows longest first, so a batch pads little; batch b
+    goes to rank b % world (the counts may differ by one, which is fine: nothing collective runs inside
+    a ZeRO-2 forward)."""
+    order = np.argsort([-len(row) for row in encoded.input_ids], kind="stable")
+    for start in range(rank * micro_batch, len(order), world_size * micro_batch):
+        yield collate(encoded, order[start:start + micro_batch], pad_id)
