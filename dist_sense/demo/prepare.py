@@ -26,7 +26,8 @@ from dist_sense.formats.manifest import atomic_write_bytes, atomic_write_json
 HELD_OUT_PERCENT = 20
 PROBE_EXAMPLES = 1000
 DISTILL_DOCUMENTS = 4200
-"""Training snippets labelled for distillation: after the 5% held out, more than the 120 x 32 windows the students see."""
+"""Training snippets labelled for distillation: after the 5% held out, more than the 120 x 32 windows
+the students see."""
 VALIDATION_EXAMPLES = 600
 FINETUNE_STEPS = 64
 """Teacher fine-tuning steps of 32 snippets (2,048 of the 8,927 training snippets): under 1 s a step on 2 CPU cores."""

@@ -13,7 +13,6 @@ built once (losses.sense_table: the same transform the distillation loss uses).
 from __future__ import annotations
 
 import copy
-
 import re
 from dataclasses import dataclass
 from pathlib import Path

@@ -66,7 +66,8 @@ def evaluate(engine, encoded: EncodedSplit | None, micro: int, pad_id: int, pref
 
 
 class MetricsLog(StepLog):
-    """OUTPUT/metrics.jsonl, RUN/tb/finetune (finetune_student for the student baseline) and the progress bar (rank 0)."""
+    """OUTPUT/metrics.jsonl, RUN/tb/finetune (finetune_student for the student baseline) and the progress
+    bar (rank 0)."""
 
     def __init__(self, cfg: RunConfig, out_dir: Path, start_step: int):
         name = "finetune_student" if cfg.finetune.backbone == "student" else "finetune"  # RUN/tb/<name>
