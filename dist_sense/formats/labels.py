@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from dist_sense.formats import shards
+from dist_sense.formats.batching import length_groups
 from dist_sense.formats.manifest import ManifestError, file_fingerprint, read_manifest
 from dist_sense.formats.shards import ShardError
 
@@ -216,18 +217,10 @@ class LabelData:
         for shard in rng.permutation(len(self.shards)):
             keys = [self.train_keys[shard][i] for i in rng.permutation(len(self.train_keys[shard]))]
             if self.group:
-                keys = self._grouped(keys, self.index[shard], rng)
+                sizes = [self.index[shard][k]["input_ids"][1] for k in keys]
+                keys = [keys[i] for i in length_groups(sizes, self.group, self.step_windows, rng)]
             order.extend((int(shard), key) for key in keys)
         return order[: self.micro_per_epoch * self.world * self.micro]
-
-    def _grouped(self, keys: list[str], index: dict, rng) -> list[str]:
-        """`keys` in length groups: each run of self.group sorted by size, its step-sized blocks shuffled."""
-        per_step, out = self.step_windows, []
-        for start in range(0, len(keys), self.group):
-            pool = sorted(keys[start:start + self.group], key=lambda k: index[k]["input_ids"][1])
-            blocks = [pool[i:i + per_step] for i in range(0, len(pool), per_step)]
-            out.extend(key for b in rng.permutation(len(blocks)) for key in blocks[b])
-        return out
 
     def _roll_epoch(self) -> None:
         if self.micro_done >= self.micro_per_epoch:

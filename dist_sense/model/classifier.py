@@ -96,9 +96,10 @@ class TaskModel(nn.Module):
     def __init__(self, backbone: nn.Module, head: TaskHead):
         super().__init__()
         self.backbone, self.head = backbone, head
+        self._student = _is_student(backbone)  # decided once, not on every forward
 
     def states(self, input_ids, attention_mask):
-        if _is_student(self.backbone):
+        if self._student:
             return self.backbone(input_ids, attention_mask)
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
 
@@ -173,7 +174,7 @@ def save_task_model(module: nn.Module, out_dir, tokenizer=None, extra: dict | No
     model = unwrap(module)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if _is_student(model.backbone):
+    if model._student:
         save_student(model.backbone, out, tokenizer)
     else:
         model.backbone.save_pretrained(out)

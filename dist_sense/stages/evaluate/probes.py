@@ -89,8 +89,8 @@ def read_jsonl(path: str, fields: tuple[str, ...], limit: int, what: str) -> lis
     return records
 
 
-def _fold_hits(features: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray) -> int:
-    """Correct predictions on `test` of a logistic regression fitted on `train`."""
+def fit_logistic(features: np.ndarray, labels: np.ndarray, max_iter: int = PROBE_MAX_ITER):
+    """A logistic regression on scaled features, fitted (an sklearn pipeline: .predict)."""
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
@@ -99,10 +99,16 @@ def _fold_hits(features: np.ndarray, labels: np.ndarray, train: np.ndarray, test
     from sklearn.preprocessing import StandardScaler
 
     # Scaling first: raw hidden states of LMs have a few huge dimensions that stall the solver.
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=PROBE_MAX_ITER))
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
     with warnings.catch_warnings():  # a capped solver is the protocol, not a fault
         warnings.simplefilter("ignore", ConvergenceWarning)
-        probe.fit(features[train], labels[train])
+        probe.fit(features, labels)
+    return probe
+
+
+def _fold_hits(features: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray) -> int:
+    """Correct predictions on `test` of a logistic regression fitted on `train`."""
+    probe = fit_logistic(features[train], labels[train])
     return int((probe.predict(features[test]) == labels[test]).sum())
 
 

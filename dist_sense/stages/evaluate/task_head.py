@@ -33,7 +33,7 @@ from dist_sense import comm
 from dist_sense.config import RunConfig
 from dist_sense.formats.tasks import EncodedSplit, TaskSplit, collate, encode_split, load_task
 from dist_sense.model.classifier import HEAD_INFO, TaskHead, load_task_head, pool_states, pooled_logits
-from dist_sense.stages.evaluate.probes import SYSTEMS, EvalError
+from dist_sense.stages.evaluate.probes import SYSTEMS, EvalError, fit_logistic
 
 log = comm.get_logger("dist_sense.task_head")
 
@@ -87,13 +87,11 @@ def open_tuned_student(cfg: RunConfig, notes: dict, device):
     return model.backbone, model.head
 
 
-def system_states(encoder, kind: str, batch: dict, device, states: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, L, d] states of one system on a collated batch: the encoder's final states (given, or computed),
-    snapped to senses at content positions for kind 'senses'; special and padding positions keep theirs."""
+def system_states(encoder, kind: str, batch: dict, device, states: torch.Tensor) -> torch.Tensor:
+    """[B, L, d] states of one system on a collated batch, from its encoder's forward `states`: as they
+    are, or snapped to senses at content positions for kind 'senses' (special and padding positions keep
+    theirs)."""
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    if states is None:
-        # SenseEncoder's forward: the states it snaps (the teacher's layer, a student's output at the teacher's width).
-        states = encoder._forward(ids, mask).float()
     if kind == "senses":
         content = mask.bool() & ~batch["special_mask"].to(device).bool()
         states = states.clone()
@@ -119,7 +117,7 @@ def pooled_features(encoders: dict, systems: dict, encoded: EncodedSplit, batch_
         forwards: dict[str, torch.Tensor] = {}
         for system, (name, kind) in present.items():
             encoder = encoders[name]
-            if name not in forwards:
+            if name not in forwards:  # SenseEncoder's forward: the states it snaps, at the teacher's width
                 forwards[name] = encoder._forward(batch["input_ids"].to(encoder.device),
                                                   batch["attention_mask"].to(encoder.device)).float()
             states = system_states(encoder, kind, batch, encoder.device, forwards[name])
@@ -145,18 +143,7 @@ def head_predictions(head: TaskHead, features: np.ndarray, system: str, chunk: i
 
 def own_head_predictions(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray) -> np.ndarray:
     """Predictions on `test` of a logistic regression (scaled features) fitted on `train`."""
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=OWN_HEAD_MAX_ITER))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        probe.fit(train, train_labels)
-    return probe.predict(test).astype(np.int64)
+    return fit_logistic(train, train_labels, OWN_HEAD_MAX_ITER).predict(test).astype(np.int64)
 
 
 def macro_f1(truth: np.ndarray, predicted: np.ndarray) -> float:

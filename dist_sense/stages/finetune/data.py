@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dist_sense.formats.batching import length_groups
 from dist_sense.formats.tasks import EncodedSplit, TaskError, collate
 from dist_sense.stages.distill.checkpoints import CheckpointError
 
@@ -24,6 +25,7 @@ class TaskBatches:
                  global_batch: int, seed: int = 0, pad_id: int = 0, group_steps: int = 0):
         self.encoded, self.rank, self.world, self.micro = encoded, rank, world_size, micro_batch
         self.seed, self.pad_id, self.global_batch, self.group_steps = seed, pad_id, global_batch, group_steps
+        self.lengths = np.array([len(row) for row in encoded.input_ids])
         if global_batch % (world_size * micro_batch):
             raise ValueError(f"global batch {global_batch} is not a multiple of {world_size} x {micro_batch}")
         n = len(encoded)
@@ -58,15 +60,8 @@ class TaskBatches:
         order = rng.permutation(len(self.encoded))[: self.micro_per_epoch * self.world * self.micro]
         if not self.group_steps:
             return order
-        lengths = np.array([len(row) for row in self.encoded.input_ids])
-        pool = self.group_steps * self.global_batch
-        grouped = []
-        for start in range(0, len(order), pool):
-            rows = order[start:start + pool]
-            rows = rows[np.argsort(lengths[rows], kind="stable")]
-            steps = rows.reshape(-1, self.global_batch)  # whole steps: pools and the epoch hold whole steps
-            grouped.append(steps[rng.permutation(len(steps))].reshape(-1))
-        return np.concatenate(grouped)
+        # The epoch holds whole steps, and so does every group: each block is one step.
+        return order[length_groups(self.lengths[order], self.group_steps * self.global_batch, self.global_batch, rng)]
 
     def next_batch(self) -> dict:
         """This rank's next micro-batch (input_ids, attention_mask, special_mask, labels); epochs roll over."""
