@@ -37,7 +37,20 @@ def init_torch(backend: str | None = None, use_deepspeed: bool = True) -> DistEn
                 atexit.register(remove_own_shm_buffer, env.rank, os.environ.get("MASTER_PORT", ""))
         else:
             tdist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size)
+        if backend == "gloo":
+            atexit.register(end_gloo_group)
     return env
+
+
+def end_gloo_group() -> None:
+    """Destroy this process's gloo group at exit, before the interpreter tears down: left alive, its
+    threads are still joinable when their destructors run and the process sometimes aborts
+    ("terminate called without an active exception", exit -6) after the stage has finished or
+    refused with its own exit code. Local to this process: no collective."""
+    import torch.distributed as tdist
+
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
 def remove_own_shm_buffer(rank: int, port: str) -> None:
