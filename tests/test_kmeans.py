@@ -10,7 +10,7 @@ from dist_sense.config import KMeansConfig
 from dist_sense.kmeans import distinct as kmeans_distinct
 from dist_sense.kmeans import lloyd as kmeans_lloyd
 from dist_sense.kmeans.distinct import distinct_senses, senses_of_rows
-from dist_sense.kmeans.lloyd import lloyd_stats, plan_chunks
+from dist_sense.kmeans.lloyd import local_changes, plan_chunks
 from dist_sense.kmeans.mcl import mcl_cluster_counts, senses_from_mcl
 from dist_sense.kmeans.start import plusplus_job, reseed_empty, share_tokens
 from dist_sense.kmeans.subsample import Subsample, gather_subsample
@@ -142,16 +142,44 @@ def test_spherical_centres_are_unit(mixture):
     np.testing.assert_allclose(norms, 1, atol=1e-5)
 
 
-def test_lloyd_stats_of_halves_sum_to_the_whole(mixture):
+def test_changes_of_halves_sum_to_the_whole(mixture, monkeypatch):
+    """What each half of the rows changes in the per-sense sums and counts adds up to what all rows change, in the
+    first iteration (every row is new) and after the centres move (a few rows change sense, some leave one)."""
     tokens, vectors, slots, priority, ks = mixture
-    sub_cfg = config(k=5, max_iter=1)
     whole, _ = make_local_tile(vectors, slots, priority, len(tokens), np)
     sub = gather_subsample(whole, np.full(len(tokens), 300), ONE_PROCESS, np)
-    centres, valid = kmeans_plusplus(sub, np.full(len(tokens), sub_cfg.k), np.random.default_rng(0), np)
+    centres, valid = kmeans_plusplus(sub, np.full(len(tokens), 5), np.random.default_rng(0), np)
+    moved = centres + np.random.default_rng(1).normal(0, 0.3, centres.shape).astype(np.float32)
     halves = [np.arange(len(slots)) % 2 == r for r in (0, 1)]
     parts = [make_local_tile(vectors[h], slots[h], priority[h], len(tokens), np)[0] for h in halves]
-    stats = [lloyd_stats(p, plan_chunks(p.offsets, D, np), centres, valid, np) for p in [whole] + parts]
-    np.testing.assert_allclose(stats[1] + stats[2], stats[0], rtol=1e-6, atol=1e-3)
+    n_pos, k_max = valid.shape
+
+    def dense(changes):
+        out = np.zeros((n_pos * k_max, D))
+        out[changes.keys] = changes.sums
+        return out
+
+    labels = [np.full(len(p.slots), -1, dtype=np.int64) for p in [whole] + parts]
+    total_sums, total_counts = np.zeros((n_pos * k_max, D)), np.zeros(n_pos * k_max)
+    for step, (at, dense_share) in enumerate([(centres, 0.2), (moved, 0.2), (centres, 1.0)]):
+        monkeypatch.setattr(kmeans_lloyd, "DENSE_SHARE", dense_share)  # the last: row by row whatever moved
+        changes = [local_changes(p, plan_chunks(p.offsets, D, np), at, valid, lab, np)
+                   for p, lab in zip([whole] + parts, labels)]
+        np.testing.assert_array_equal(changes[1].counts + changes[2].counts, changes[0].counts)
+        np.testing.assert_allclose(dense(changes[1]) + dense(changes[2]), dense(changes[0]), rtol=1e-5, atol=1e-3)
+        np.testing.assert_allclose(changes[1].inertia + changes[2].inertia, changes[0].inertia, rtol=1e-5)
+        if step == 0:
+            assert changes[0].counts.sum() == len(slots)  # every row joins a sense
+        else:
+            assert len(changes[0].keys) > 0 and changes[0].counts.sum() == 0  # rows only moved between senses
+        total_sums += dense(changes[0])
+        total_counts += changes[0].counts
+    # The changes, added up, are the sums and counts of the rows' senses now.
+    flat = np.repeat(np.arange(n_pos), np.diff(whole.offsets)) * k_max + labels[0]
+    np.testing.assert_array_equal(total_counts, np.bincount(flat, minlength=n_pos * k_max))
+    direct = np.zeros((n_pos * k_max, D))
+    np.add.at(direct, flat, whole.vectors.astype(np.float64))
+    np.testing.assert_allclose(total_sums, direct, rtol=1e-5, atol=1e-3)
 
 
 class ThreadRanks:

@@ -1,10 +1,15 @@
 """Lloyd iterations for one tile of tokens, every token at once (tile.cluster_tile's inner loop).
 
 A rank's rows are grouped by token into padded chunks of tokens with similar row counts,
-so assigning them is one batched GEMM per chunk (||x||^2 - 2 x.c + ||c||^2 with a
-per-token sense mask); the per-sense sums, counts and inertia of an iteration go out in
-one allreduce, and every rank then updates the centres identically. Arrays live on `xp`
-(cupy or numpy); the collectives (types.Comm) run on host numpy arrays.
+so assigning them is one batched GEMM per chunk (x.(-2c) + ||c||^2 with a per-token sense
+mask). The per-sense sums and counts of all ranks' rows are kept, the same on every rank,
+from one iteration to the next; an iteration adds what the rows that changed sense moved
+(local_changes), so after the first iterations the sums cost in proportion to the few rows
+that move. Two allreduces an iteration (reduce_changes): a small one (count changes, which
+senses changed anywhere, per-token inertia), then one row of sum changes for each sense
+that changed on some rank, not the whole [tokens, K, d] block. Every rank then updates the
+centres identically. Arrays live on `xp` (cupy or numpy); the collectives (types.Comm) run
+on host numpy arrays.
 
 A product's result for one row can differ in the last bit with the batch it is computed in
 (BLAS and cuBLAS pick kernels by shape), and the batches follow how the rows are spread
@@ -78,48 +83,120 @@ def plan_chunks(offsets: np.ndarray, d: int, xp, tokens=None) -> list[Chunk]:
     return chunks
 
 
-def _chunk_distances(local: LocalTile, chunk: Chunk, centres, centre_sq, valid, xp):
-    """Rows of a chunk, their nearest valid sense of their own token, and its squared distance."""
+def _nearest_senses(local: LocalTile, chunk: Chunk, centres, centre_sq, valid, xp):
+    """Rows of a chunk, their nearest valid sense of their own token, and its squared distance (0 on padding).
+
+    Two passes over the [t, n, K] block: one product with the centres scaled by -2, then
+    the senses' squared norms added in place (+inf for senses that are not valid). The
+    rows' own norms do not change which sense is nearest, so they are added to the
+    minimum only."""
     if chunk.x is None:
         chunk.x, chunk.sq = local.vectors[chunk.rows], local.sq_norms[chunk.rows]
     x = chunk.x
-    cross = x @ centres[chunk.index].transpose(0, 2, 1)
-    dist = chunk.sq[:, :, None] - 2 * cross + centre_sq[chunk.index][:, None, :]
-    dist = xp.where(valid[chunk.index][:, None, :], xp.maximum(dist, 0), xp.inf)
-    labels = xp.argmin(dist, axis=2)
-    nearest = xp.take_along_axis(dist, labels[:, :, None], axis=2)[:, :, 0]
-    return x, labels, xp.where(chunk.valid & xp.isfinite(nearest), nearest, 0)
+    scores = x @ (centres[chunk.index] * -2).transpose(0, 2, 1)
+    scores += xp.where(valid[chunk.index], centre_sq[chunk.index], xp.inf)[:, None, :]
+    labels = xp.argmin(scores, axis=2)
+    nearest = xp.take_along_axis(scores, labels[:, :, None], axis=2)[:, :, 0]
+    nearest += chunk.sq
+    return x, labels, xp.where(chunk.valid & xp.isfinite(nearest), xp.maximum(nearest, 0), 0)
 
 
-def lloyd_stats(local: LocalTile, chunks: list[Chunk], centres, valid, xp) -> np.ndarray:
-    """This rank's per-sense sums, counts and inertia, packed into one float64 host buffer.
+DENSE_SHARE = 0.2
+"""A chunk whose rows changed sense in more than this share goes through the one-hot product, else row by row."""
 
-    centres/valid are indexed by Chunk.index (the tokens the chunks were planned for).
 
-    Packing makes an iteration cost one allreduce; sums of two halves of the rows
-    equal the sums of all rows, which is what lets ranks split the data.
-    """
-    n_tokens, k_max, d = centres.shape
-    sums = xp.zeros((n_tokens, k_max, d), dtype=xp.float64)
-    counts = xp.zeros((n_tokens, k_max), dtype=xp.float64)
-    inertia = xp.zeros(n_tokens, dtype=xp.float64)
+@dataclass
+class Changes:
+    """What this rank's rows changed in an iteration, in keys position * K + sense (position: in the chunks' centres)."""
+
+    keys: object
+    """xp int64 [m]: the senses whose sum changed here, each once."""
+    sums: object
+    """xp float64 [m, d]: the change of each one's sum of rows."""
+    counts: object
+    """xp float64 [P * K]: the change of every sense's row count."""
+    inertia: object
+    """xp float64 [P]: each token's squared distances, summed (not a change: the iteration's own)."""
+
+
+def local_changes(local: LocalTile, chunks: list[Chunk], centres, valid, row_labels, xp) -> Changes:
+    """Assign the chunks' rows to their nearest senses; what that changed in the per-sense sums and counts.
+
+    centres/valid [P, K(, d)] are indexed by Chunk.index; `row_labels` (xp int64 [N], -1 for
+    a row never assigned) holds every local row's sense, and is updated in place. Only
+    rows whose sense changed contribute: after the first iterations they are a few per
+    cent, so Lloyd's sums cost in proportion to what moves. A chunk where many rows
+    changed takes one batched product of (new one-hot - old one-hot) with its rows instead.
+    Changes of two halves of the rows add up to those of all rows, which is what lets
+    ranks split the data."""
+    n_pos, k_max, d = centres.shape
     centre_sq = xp.einsum("tkd,tkd->tk", centres, centres)  # no [T, K, d] temporary
     senses = xp.arange(k_max)
+    inertia = xp.zeros(n_pos, dtype=xp.float64)
+    counts = xp.zeros(n_pos * k_max, dtype=xp.float64)
+    keys, sums = [], []
     for chunk in chunks:
-        x, labels, nearest = _chunk_distances(local, chunk, centres, centre_sq, valid, xp)
-        members = ((labels[:, :, None] == senses) & chunk.valid[:, :, None]).astype(xp.float32)
-        sums[chunk.index] = members.transpose(0, 2, 1) @ x
-        counts[chunk.index] = members.sum(axis=1)
+        x, labels, nearest = _nearest_senses(local, chunk, centres, centre_sq, valid, xp)
         inertia[chunk.index] = nearest.sum(axis=1, dtype=xp.float64)
-    return to_host(xp.concatenate([sums.ravel(), counts.ravel(), inertia]))
+        old = row_labels[chunk.rows]
+        changed = chunk.valid & (labels != old)
+        n_changed = int(changed.sum())
+        if n_changed == 0:
+            continue
+        base = chunk.index[:, None] * k_max
+        new_keys, old_keys = (base + labels)[changed], (base + old)[changed]
+        was = old[changed] >= 0
+        counts += xp.bincount(new_keys, minlength=n_pos * k_max)
+        counts -= xp.bincount(old_keys[was], minlength=n_pos * k_max)
+        row_labels[chunk.rows[changed]] = labels[changed]
+        if n_changed > DENSE_SHARE * int(chunk.valid.sum()):
+            onehot = ((labels[:, :, None] == senses) & chunk.valid[:, :, None]).astype(xp.float32)
+            onehot -= (old[:, :, None] == senses) & chunk.valid[:, :, None]
+            touched = (onehot != 0).any(axis=1)
+            keys.append((base + senses)[touched])
+            sums.append((onehot.transpose(0, 2, 1) @ x)[touched].astype(xp.float64))
+        else:
+            rows = x[changed].astype(xp.float64)
+            chunk_keys = xp.concatenate([new_keys, old_keys[was]])
+            signed = xp.concatenate([rows, -rows[was]])
+            unique, summed = segment_sums(chunk_keys, signed, xp)
+            keys.append(unique)
+            sums.append(summed)
+    keys = xp.concatenate(keys) if keys else xp.zeros(0, dtype=xp.int64)
+    sums = xp.concatenate(sums) if sums else xp.zeros((0, d), dtype=xp.float64)
+    return Changes(keys, sums, counts, inertia)
 
 
-def unpack_stats(packed, n_tokens: int, k_max: int, d: int):
-    """(sums [T, K, d], counts [T, K], inertia per token [T]) from a (summed) lloyd_stats buffer."""
-    split = n_tokens * k_max * d
-    sums = packed[:split].reshape(n_tokens, k_max, d)
-    counts = packed[split : split + n_tokens * k_max].reshape(n_tokens, k_max)
-    return sums, counts, packed[split + n_tokens * k_max :]
+def segment_sums(keys, values, xp):
+    """(the distinct keys ascending, the sum of `values` rows [m, d] of each)."""
+    order = xp.argsort(keys, kind="stable")
+    keys, values = keys[order], values[order]
+    first = xp.flatnonzero(xp.concatenate([xp.ones(1, dtype=bool), keys[1:] != keys[:-1]]))
+    if xp is np:
+        return keys[first], np.add.reduceat(values, first, axis=0)
+    import cupyx
+
+    out = xp.zeros((len(first), values.shape[1]), dtype=values.dtype)
+    cupyx.scatter_add(out, xp.cumsum(xp.concatenate([xp.zeros(1, dtype=xp.int64), keys[1:] != keys[:-1]])), values)
+    return keys[first], out
+
+
+def reduce_changes(changes: Changes, comm, n_pos: int, k_max: int, d: int, xp):
+    """Sum every rank's Changes: (keys of the senses changed anywhere, ascending; their summed sum changes [u, d];
+    count changes [P * K]; inertia per token [P]).
+
+    Two allreduces: the small one (counts, which senses changed, inertia) names the senses
+    every rank then sends a row for, in the same order; only those rows travel."""
+    touched = np.zeros(n_pos * k_max)
+    touched[to_host(changes.keys)] = 1
+    small = comm.allreduce(np.concatenate([to_host(changes.counts), touched, to_host(changes.inertia)]))
+    counts, touched, inertia = small[: n_pos * k_max], small[n_pos * k_max : 2 * n_pos * k_max], small[2 * n_pos * k_max :]
+    union = np.flatnonzero(touched > 0)
+    block = np.zeros((len(union), d))
+    block[np.searchsorted(union, to_host(changes.keys))] = to_host(changes.sums)
+    if comm.world > 1:
+        block = comm.allreduce(block)
+    return union, block, counts, inertia
 
 
 def assign_senses(local: LocalTile, chunks: list[Chunk], centres, valid, xp):
@@ -131,7 +208,7 @@ def assign_senses(local: LocalTile, chunks: list[Chunk], centres, valid, xp):
     distances = xp.zeros(len(local.slots), dtype=xp.float32)
     centre_sq = xp.einsum("tkd,tkd->tk", centres, centres)
     for chunk in chunks:
-        x, chunk_labels, _ = _chunk_distances(local, chunk, centres, centre_sq, valid, xp)
+        x, chunk_labels, _ = _nearest_senses(local, chunk, centres, centre_sq, valid, xp)
         diff = centres[chunk.index[:, None], chunk_labels]  # [t, n, d]: each row's sense
         diff -= x
         diff *= diff
@@ -215,28 +292,34 @@ def run_lloyd(run: TileRun, chunks: list[Chunk], centres: Centres, groups: list)
     # re-planned (their rows gathered again) only once half the planned tokens have stopped.
     planned = active = np.arange(n_tokens)
     token_inertia = np.zeros(n_tokens)
+    # The per-sense sums and counts of all ranks' rows, the same on every rank, kept from one
+    # iteration to the next: each iteration adds only what the rows that changed sense moved.
+    sums = xp.zeros((n_tokens, k_max, d), dtype=xp.float64)
+    counts = xp.zeros((n_tokens, k_max), dtype=xp.float64)
+    row_labels = xp.full(len(local.slots), -1, dtype=xp.int64)
     history, previous = [], None
     for iteration in range(cfg.max_iter):
-        packed = to_device(run.comm.allreduce(lloyd_stats(local, chunks, points[to_device(planned, xp)],
-                                                          valid[to_device(planned, xp)], xp)), xp)
-        sums, counts, inertia = unpack_stats(packed, len(planned), k_max, d)
-        token_inertia[planned] = to_host(inertia)
-        moving = to_device(np.flatnonzero(np.isin(planned, active)), xp)
-        sums, counts, inertia = sums[moving], counts[moving], inertia[moving]
+        at_planned = to_device(planned, xp)
+        changes = local_changes(local, chunks, points[at_planned], valid[at_planned], row_labels, xp)
+        union, block, count_change, inertia = reduce_changes(changes, run.comm, len(planned), k_max, d, xp)
+        rows, senses = to_device(planned[union // k_max], xp), to_device(union % k_max, xp)
+        sums[rows, senses] += to_device(block, xp)
+        counts[at_planned] += to_device(count_change.reshape(len(planned), k_max), xp)
+        token_inertia[planned] = inertia
         at = to_device(active, xp)
         current = points[at]
-        updated, empty = update_centres(sums, counts, current, valid[at], cfg.spherical, xp)
+        updated, empty = update_centres(sums[at], counts[at], current, valid[at], cfg.spherical, xp)
         reseeded = _reseed(groups, active, updated, valid, empty, xp)
         current -= updated  # now the move, in place: no further [A, K, d] temporaries
-        moved_by = xp.einsum("tkd,tkd->t", current, current, dtype=xp.float64)
+        moved_by = to_host(xp.einsum("tkd,tkd->t", current, current, dtype=xp.float64))
         points[at] = updated
         total = float(token_inertia.sum())
         history.append({"iteration": iteration, "inertia": total, "shift": float(moved_by.sum()), "reseeded": reseeded,
-                        "active_tokens": int(len(active))})
+                        "active_tokens": int(len(active)), "changed_senses": int(len(union))})
         if run.on_iteration is not None:
             run.on_iteration(history[-1])
-        per_dim = to_host(inertia) / np.maximum(to_host(counts.sum(axis=1)) * d, 1)
-        still = (to_host(moved_by) > cfg.tol * per_dim) & (to_host(moved_by) > 0)
+        per_dim = token_inertia[active] / np.maximum(to_host(counts[at].sum(axis=1)) * d, 1)
+        still = (moved_by > cfg.tol * per_dim) & (moved_by > 0)
         if not still.any() or (previous is not None and abs(previous - total) <= cfg.tol * previous):
             break
         previous = total
