@@ -31,7 +31,7 @@ from dist_sense.kmeans.start import reseed_empty
 from dist_sense.kmeans.types import Centres, LocalTile, TileRun
 from dist_sense.runtime.backend import to_device, to_host
 
-CHUNK_ELEMENTS = 1 << 25
+CHUNK_ELEMENTS = 1 << 21
 """Floats in one padded chunk of gathered vectors (bounds the assignment's temporaries)."""
 PAD_RATIO = 2 ** 0.5
 """Lloyd's chunks group tokens whose row counts differ by under this factor (padding < 30%)."""
@@ -298,7 +298,9 @@ def run_lloyd(run: TileRun, chunks: list[Chunk], centres: Centres, groups: list)
     counts = xp.zeros((n_tokens, k_max), dtype=xp.float64)
     row_labels = xp.full(len(local.slots), -1, dtype=xp.int64)
     history, previous = [], None
+    centres.iterations = np.zeros(n_tokens, dtype=np.int64)
     for iteration in range(cfg.max_iter):
+        centres.iterations[active] += 1
         at_planned = to_device(planned, xp)
         changes = local_changes(local, chunks, points[at_planned], valid[at_planned], row_labels, xp)
         union, block, count_change, inertia = reduce_changes(changes, run.comm, len(planned), k_max, d, xp)

@@ -90,6 +90,8 @@ class Centres:
     """xp bool [B, K]: which of a row's K are senses (a token may have fewer than K)."""
     slots: np.ndarray
     """int64 [B]: the tile slot of each row."""
+    iterations: np.ndarray | None = None
+    """int64 [B]: the Lloyd iterations each row's token took part in (run_lloyd sets it)."""
 
 
 @dataclass
