@@ -13,7 +13,7 @@ import time
 
 from bench import common
 
-BENCHMARKS = ["extract_vs_hf_forward", "kmeans_vs_sklearn", "kmeans_vs_faiss", "kmeans_mpi", "loss_share_of_step", "student_vs_teacher",
+BENCHMARKS = ["extract_vs_hf_forward", "kmeans_vs_sklearn", "kmeans_vs_faiss", "kmeans_scale", "kmeans_mpi", "loss_share_of_step", "student_vs_teacher",
               "checksum_cost"]
 
 
@@ -33,6 +33,9 @@ def render(results: dict) -> str:
             target = entry["targets"].get(key, "")
             lines.append(f"| {key} | {shown} | {target}{verdict(value, target)} |")
         lines.append("")
+        figure = getattr(_module(name), "FIGURE", None)
+        if figure:
+            lines += [f"![{name}]({figure})", ""]
     return "\n".join(lines + gpu_section())
 
 
@@ -47,11 +50,18 @@ def verdict(value, target: str) -> str:
 
 def describe(name: str) -> list[str]:
     """The benchmark module's docstring (what is measured, against what), as paragraphs."""
-    try:
-        doc = importlib.import_module(f"bench.{name}").__doc__ or ""
-    except ImportError:
+    doc = getattr(_module(name), "__doc__", None) or ""
+    if not doc:
         return []
     return [" ".join(line.strip() for line in para.splitlines()) + "\n" for para in doc.strip().split("\n\n")]
+
+
+def _module(name: str):
+    """The benchmark's module, or None if it cannot be imported."""
+    try:
+        return importlib.import_module(f"bench.{name}")
+    except ImportError:
+        return None
 
 
 def gpu_section() -> list[str]:
