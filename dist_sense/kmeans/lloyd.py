@@ -156,12 +156,12 @@ def local_changes(local: LocalTile, chunks: list[Chunk], centres, valid, row_lab
             keys.append((base + senses)[touched])
             sums.append((onehot.transpose(0, 2, 1) @ x)[touched].astype(xp.float64))
         else:
-            rows = x[changed].astype(xp.float64)
+            rows = x[changed]
             chunk_keys = xp.concatenate([new_keys, old_keys[was]])
             signed = xp.concatenate([rows, -rows[was]])
-            unique, summed = segment_sums(chunk_keys, signed, xp)
+            unique, summed = segment_sums(chunk_keys, signed, xp)  # float32, as the one-hot product
             keys.append(unique)
-            sums.append(summed)
+            sums.append(summed.astype(xp.float64))
     keys = xp.concatenate(keys) if keys else xp.zeros(0, dtype=xp.int64)
     sums = xp.concatenate(sums) if sums else xp.zeros((0, d), dtype=xp.float64)
     return Changes(keys, sums, counts, inertia)
@@ -317,7 +317,8 @@ def run_lloyd(run: TileRun, chunks: list[Chunk], centres: Centres, groups: list)
         points[at] = updated
         total = float(token_inertia.sum())
         history.append({"iteration": iteration, "inertia": total, "shift": float(moved_by.sum()), "reseeded": reseeded,
-                        "active_tokens": int(len(active)), "changed_senses": int(len(union))})
+                        "active_tokens": int(len(active)), "planned_tokens": int(len(planned)),
+                        "changed_senses": int(len(union))})
         if run.on_iteration is not None:
             run.on_iteration(history[-1])
         per_dim = token_inertia[active] / np.maximum(to_host(counts[at].sum(axis=1)) * d, 1)
