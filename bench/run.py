@@ -33,9 +33,10 @@ def render(results: dict) -> str:
             target = entry["targets"].get(key, "")
             lines.append(f"| {key} | {shown} | {target}{verdict(value, target)} |")
         lines.append("")
-        figure = getattr(_module(name), "FIGURE", None)
+        module = _module(name)
+        figure = getattr(module, "FIGURE", None)  # an image beside docs/benchmarks.md, shown under the table
         if figure:
-            lines += [f"![{name}]({figure})", ""]
+            lines += [f"![{getattr(module, 'FIGURE_ALT', name)}]({figure})", ""]
     return "\n".join(lines + gpu_section())
 
 
