@@ -142,6 +142,46 @@ def test_spherical_centres_are_unit(mixture):
     np.testing.assert_allclose(norms, 1, atol=1e-5)
 
 
+def test_cutting_stopped_tokens_out_of_chunks_changes_no_sense(mixture, monkeypatch):
+    """Stopped tokens leave their chunks between re-plannings (prune_chunks); the senses are those of keeping them."""
+    tokens, vectors, slots, priority, ks = mixture
+    local, _ = make_local_tile(vectors, slots, priority, len(tokens), np)
+    monkeypatch.setattr(kmeans_lloyd, "CHUNK_ELEMENTS", 300 * D)  # several tokens per chunk, many chunks
+    prune, cuts = kmeans_lloyd.prune_chunks, []
+
+    def counting(chunks, moving, xp):
+        pruned = prune(chunks, moving, xp)
+        cuts.append(sum(all(c is not old for old in chunks) for c in pruned))
+        return pruned
+
+    monkeypatch.setattr(kmeans_lloyd, "prune_chunks", counting)
+    cut = cluster_tile(local, config(), xp=np)
+    assert sum(cuts) > 0, "no chunk was cut: the test shows nothing"
+    monkeypatch.setattr(kmeans_lloyd, "prune_chunks", lambda chunks, moving, xp: chunks)  # never cut
+    whole = cluster_tile(local, config(), xp=np)
+    np.testing.assert_allclose(cut.dense()[0], whole.dense()[0], atol=1e-5)
+    np.testing.assert_array_equal(cut.dense()[2], whole.dense()[2])
+    assert cut.inertia == pytest.approx(whole.inertia, rel=1e-6)
+
+
+def test_prune_keeps_moving_tokens_and_leaves_the_given_chunks_alone(mixture, monkeypatch):
+    tokens, vectors, slots, priority, ks = mixture
+    local, _ = make_local_tile(vectors, slots, priority, len(tokens), np)
+    monkeypatch.setattr(kmeans_lloyd, "CHUNK_ELEMENTS", 300 * D)
+    chunks = plan_chunks(local.offsets, D, np)
+    for chunk in chunks:
+        chunk.x, chunk.sq = local.vectors[chunk.rows], local.sq_norms[chunk.rows]
+    before = [chunk.index.copy() for chunk in chunks]
+    moving = np.arange(len(tokens)) % 3 == 0
+    pruned = kmeans_lloyd.prune_chunks(chunks, moving, np)
+    assert [c.index.tolist() for c in chunks] == [b.tolist() for b in before]
+    kept = np.concatenate([c.index for c in pruned])
+    assert set(np.flatnonzero(moving)) <= set(kept.tolist())
+    for chunk in pruned:
+        np.testing.assert_array_equal(chunk.x, local.vectors[chunk.rows])
+        assert moving[chunk.index].any()
+
+
 def test_changes_of_halves_sum_to_the_whole(mixture, monkeypatch):
     """What each half of the rows changes in the per-sense sums and counts adds up to what all rows change, in the
     first iteration (every row is new) and after the centres move (a few rows change sense, some leave one)."""

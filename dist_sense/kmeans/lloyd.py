@@ -307,7 +307,8 @@ def run_lloyd(run: TileRun, chunks: list[Chunk], centres: Centres, groups: list)
         rows, senses = to_device(planned[union // k_max], xp), to_device(union % k_max, xp)
         sums[rows, senses] += to_device(block, xp)
         counts[at_planned] += to_device(count_change.reshape(len(planned), k_max), xp)
-        token_inertia[planned] = inertia
+        moving = np.isin(planned, active)
+        token_inertia[planned[moving]] = inertia[moving]  # a stopped token's inertia stays what it was
         at = to_device(active, xp)
         current = points[at]
         updated, empty = update_centres(sums[at], counts[at], current, valid[at], cfg.spherical, xp)
@@ -330,7 +331,34 @@ def run_lloyd(run: TileRun, chunks: list[Chunk], centres: Centres, groups: list)
         if len(active) <= len(planned) // 2:
             planned = active
             chunks = plan_chunks(local.offsets, d, xp, tokens=centres.slots[planned])
+        else:
+            chunks = prune_chunks(chunks, to_device(np.isin(planned, active), xp), xp)
     return history
+
+
+PRUNE_SHARE = 0.75
+"""A chunk is cut down to its moving tokens once fewer than this share of its tokens still move."""
+
+
+def prune_chunks(chunks: list[Chunk], moving, xp) -> list[Chunk]:
+    """The chunks without the tokens that stopped (moving: xp bool over Chunk.index), where it pays.
+
+    Between re-plannings stopped tokens would otherwise be assigned again every iteration.
+    Cutting a chunk copies its moving tokens' gathered rows, whole blocks, cheaper than
+    gathering them again row by row. New Chunk objects: the caller's list is left as it was
+    (the final assignment uses it)."""
+    kept = []
+    for chunk in chunks:
+        keep = moving[chunk.index]
+        share = float(keep.mean())
+        if share == 0:
+            continue
+        if share >= PRUNE_SHARE or chunk.x is None:
+            kept.append(chunk)
+            continue
+        kept.append(Chunk(chunk.slots[keep], chunk.index[keep], chunk.rows[keep], chunk.valid[keep], chunk.x[keep],
+                          chunk.sq[keep]))
+    return kept
 
 
 def _reseed(groups: list, active: np.ndarray, updated, valid, empty, xp) -> int:
