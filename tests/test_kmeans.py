@@ -142,6 +142,20 @@ def test_spherical_centres_are_unit(mixture):
     np.testing.assert_allclose(norms, 1, atol=1e-5)
 
 
+def test_seeding_in_cache_sized_blocks_gives_the_same_start(mixture, monkeypatch):
+    from dist_sense.kmeans import start as kmeans_start
+
+    tokens, vectors, slots, priority, ks = mixture
+    whole, _ = make_local_tile(vectors, slots, priority, len(tokens), np)
+    sub = gather_subsample(whole, np.full(len(tokens), 300), ONE_PROCESS, np)
+    monkeypatch.setattr(kmeans_start, "SEED_BLOCK_ELEMENTS", 1 << 40)
+    at_once = kmeans_plusplus(sub, np.full(len(tokens), 5), np.random.default_rng(0), np)
+    monkeypatch.setattr(kmeans_start, "SEED_BLOCK_ELEMENTS", 300 * D)  # one token per block
+    blocked = kmeans_plusplus(sub, np.full(len(tokens), 5), np.random.default_rng(0), np)
+    for a, b in zip(at_once, blocked):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_cutting_stopped_tokens_out_of_chunks_changes_no_sense(mixture, monkeypatch):
     """Stopped tokens leave their chunks between re-plannings (prune_chunks); the senses are those of keeping them."""
     tokens, vectors, slots, priority, ks = mixture

@@ -27,6 +27,10 @@ def _sq_distances(points, sq, centres, xp):
     return xp.maximum(sq[:, :, None] - 2 * cross + xp.einsum("tmd,tmd->tm", centres, centres)[:, None, :], 0)
 
 
+SEED_BLOCK_ELEMENTS = 1 << 21
+"""Floats of subsample points k-means++ seeds at once on the CPU (8 MB: they stay in cache through its k steps)."""
+
+
 def plusplus_job(sub, k: np.ndarray, rng: np.random.Generator, xp):
     """Greedy k-means++ on each token's subsample, as a share_tokens job (n_tokens, compute).
 
@@ -45,8 +49,21 @@ def plusplus_job(sub, k: np.ndarray, rng: np.random.Generator, xp):
     first = rng.random(n_tokens)
     steps = rng.random((k_max - 1, n_tokens, 2 + int(math.log(k_max))))
 
+    if isinstance(sub, GroupSubsample):
+        width, d = sub.width, int(sub.rows.points.shape[1])
+    else:
+        width, d = (int(n) for n in sub.points.shape[1:])
+
     def seed(mine):
-        return _plusplus(sub[mine], k[mine], first[mine], steps[:, mine], xp)
+        index = np.arange(n_tokens)[mine]
+        # On the CPU, tokens go in blocks whose points stay in cache through all k steps (each
+        # step reads every point once); a GPU takes the whole share at once.
+        per_block = len(index) if xp is not np else max(1, SEED_BLOCK_ELEMENTS // (width * d))
+        parts = [_plusplus(sub[b], k[b], first[b], steps[:, b], xp)
+                 for b in np.array_split(index, max(1, -(-len(index) // per_block)))]
+        if len(parts) == 1:
+            return parts[0]
+        return xp.concatenate([c for c, _ in parts]), xp.concatenate([v for _, v in parts])
 
     return n_tokens, seed
 
