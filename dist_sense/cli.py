@@ -15,6 +15,7 @@ comm.detect() reads the same from the environment.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -70,6 +71,7 @@ def run_stage(description: str, stage_run, argv: list[str] | None = None, mpi: b
         print(f"stopped [rank {env.rank}]: SIGTERM; what was finished is kept, rerun the same command to resume",
               file=sys.stderr, flush=True)
         _end_job(mpi and env.world_size > 1, STOPPED_EXIT_CODE)
+        _leave(STOPPED_EXIT_CODE)
         raise SystemExit(STOPPED_EXIT_CODE) from None
     except Exception as err:
         one_line = err if isinstance(err, user_errors()) else disk_error(err, cfg)
@@ -78,13 +80,40 @@ def run_stage(description: str, stage_run, argv: list[str] | None = None, mpi: b
             traceback.print_exc()
             sys.stderr.flush()
             _end_job(mpi and env.world_size > 1, 1)
+            _leave(1)
             raise
         print(f"error [rank {env.rank}]: {one_line}", file=sys.stderr, flush=True)
         _end_job(mpi and env.world_size > 1, 2)
+        _leave(2)
         raise SystemExit(2) from None
     if env.rank == 0 or not mpi:
         print(out)
+    _leave(0)
     return out
+
+
+def _leave(code: int) -> None:
+    """End a process that joined torch.distributed now, with `code`, once its exit handlers have run.
+
+    The interpreter's own teardown of such a process sometimes aborts in C++ destructors
+    ("terminate called without an active exception", exit -6) after the stage has finished,
+    even with the process group destroyed first: seen from extract and distill ranks under
+    DeepSpeed's launcher, which then reports the job failed. So these processes
+    run the atexit handlers (shared-memory buffers, logging), flush, and leave without that
+    teardown. Stages close their own files and writers before returning. A process that
+    never joined torch.distributed (tests calling run_stage, build_dict on MPI) returns as usual.
+    """
+    import atexit
+
+    from dist_sense.comm import torch_dist
+
+    if not torch_dist.is_initialized():
+        return
+    atexit.unregister(torch_dist.end_gloo_group)  # destroying the group is a teardown step of its own
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _end_job(abort_mpi: bool, code: int) -> None:

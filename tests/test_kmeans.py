@@ -500,7 +500,7 @@ def test_assignment_distances_do_not_depend_on_the_rows_around_them(mixture, mon
 def test_inertia_is_summed_exactly_whatever_the_split():
     import math
 
-    from dist_sense.kmeans.lloyd import exact_sum_parts, exact_total
+    from dist_sense.kmeans.exact import exact_sum_parts, exact_total
 
     rng = np.random.default_rng(0)
     values = rng.lognormal(0, 8, 20_000).astype(np.float32)

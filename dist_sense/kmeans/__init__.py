@@ -7,7 +7,7 @@ default ONE_PROCESS is a world of one) for its few host-array collectives.
 Modules, lowest first: groups (positions within runs, size classes), types (Comm,
 LocalTile, TileRun, Centres, TileResult), subsample (the shared subsample), distinct (the
 senses of tokens with few vectors), mcl (k under k_policy=mcl), start (k-means++,
-re-seeding), lloyd (the iterations), tile (make_local_tile, cluster_tile).
+re-seeding), exact (layout-independent sums), lloyd (the iterations), tile (make_local_tile, cluster_tile).
 """
 from dist_sense.kmeans.distinct import DistinctSenses, distinct_senses
 from dist_sense.kmeans.groups import rank_in_group

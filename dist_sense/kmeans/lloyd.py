@@ -21,11 +21,11 @@ their stopping tests still come from float32 products and per-rank sums.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from dist_sense.kmeans.exact import exact_sum_parts, exact_total, ordered_row_sums
 from dist_sense.kmeans.groups import size_classes
 from dist_sense.kmeans.start import reseed_empty
 from dist_sense.kmeans.types import Centres, LocalTile, TileRun
@@ -220,47 +220,6 @@ def assign_senses(local: LocalTile, chunks: list[Chunk], centres, valid, xp):
     return labels, distances
 
 
-def ordered_row_sums(values, xp):
-    """Sums over the last axis in one fixed order, a halving tree of element-wise adds, in place (`values` is
-    overwritten).
-
-    Each result depends on its own row's values alone, not on the array's shape or layout
-    nor on the backend's reduction kernels."""
-    width = values.shape[-1]
-    while width > 1:
-        half = width // 2
-        values[..., :half] += values[..., half : 2 * half]
-        if width % 2:
-            values[..., half] = values[..., width - 1]
-        width = half + width % 2
-    return values[..., 0].copy()
-
-
-FLOAT32_MIN_EXPONENT, EXPONENTS = -148, 277
-"""np.frexp exponents of float32 values: -148 (the smallest subnormal) to 128."""
-
-
-def exact_sum_parts(values: np.ndarray) -> np.ndarray:
-    """float64 [2 * EXPONENTS]: finite float32 `values` as integer sums per binary exponent, exactly.
-
-    Each value is m * 2^(e - 24) with m an integer under 2^24, split in two 12-bit halves so
-    the per-exponent sums stay exact (under 2^53) up to 2^41 values. Parts of several ranks
-    add up (an allreduce) exactly, so exact_total gives the correctly rounded sum of all
-    the values, whatever their order or their split over ranks."""
-    mantissa, exponent = np.frexp(np.asarray(values, dtype=np.float32))
-    whole = (mantissa.astype(np.float64) * 2.0**24).astype(np.int64)
-    at = exponent.astype(np.int64) - FLOAT32_MIN_EXPONENT
-    high = np.bincount(at, weights=whole >> 12, minlength=EXPONENTS)
-    low = np.bincount(at, weights=whole & 0xFFF, minlength=EXPONENTS)
-    return np.concatenate([high, low])
-
-
-def exact_total(parts: np.ndarray) -> float:
-    """The correctly rounded float64 total of values given as (summed) exact_sum_parts."""
-    scale = np.ldexp(1.0, np.arange(EXPONENTS) + FLOAT32_MIN_EXPONENT - 24)
-    return math.fsum(np.concatenate([parts[:EXPONENTS] * scale * 4096.0, parts[EXPONENTS:] * scale]).tolist())
-
-
 def update_centres(sums, counts, centres, valid, spherical: bool, xp):
     """New centres (means, or unit mean directions) and the mask of valid senses left empty."""
     filled = valid & (counts > 0)
@@ -274,7 +233,7 @@ def update_centres(sums, counts, centres, valid, spherical: bool, xp):
 
 
 def run_lloyd(run: TileRun, chunks: list[Chunk], centres: Centres, groups: list) -> list[dict]:
-    """Lloyd iterations with one allreduce each, each token stopping on its own; returns the history.
+    """Lloyd iterations, two allreduces each (reduce_changes), each token stopping on its own; returns the history.
 
     A token stops when its centres moved, in total squared distance, by no more than
     cfg.tol times its mean squared distance per dimension (scikit-learn's rule, per token),
@@ -304,9 +263,7 @@ def run_lloyd(run: TileRun, chunks: list[Chunk], centres: Centres, groups: list)
         at_planned = to_device(planned, xp)
         changes = local_changes(local, chunks, points[at_planned], valid[at_planned], row_labels, xp)
         union, block, count_change, inertia = reduce_changes(changes, run.comm, len(planned), k_max, d, xp)
-        rows, senses = to_device(planned[union // k_max], xp), to_device(union % k_max, xp)
-        sums[rows, senses] += to_device(block, xp)
-        counts[at_planned] += to_device(count_change.reshape(len(planned), k_max), xp)
+        _add_changes(sums, counts, planned, union, block, count_change, xp)
         moving = np.isin(planned, active)
         token_inertia[planned[moving]] = inertia[moving]  # a stopped token's inertia stays what it was
         at = to_device(active, xp)
@@ -334,6 +291,13 @@ def run_lloyd(run: TileRun, chunks: list[Chunk], centres: Centres, groups: list)
         else:
             chunks = prune_chunks(chunks, to_device(np.isin(planned, active), xp), xp)
     return history
+
+
+def _add_changes(sums, counts, planned: np.ndarray, union: np.ndarray, block, count_change, xp) -> None:
+    """Add reduce_changes' summed changes to the kept sums [T, K, d] and counts [T, K] (centre rows `planned`)."""
+    k_max = counts.shape[1]
+    sums[to_device(planned[union // k_max], xp), to_device(union % k_max, xp)] += to_device(block, xp)
+    counts[to_device(planned, xp)] += to_device(count_change.reshape(len(planned), k_max), xp)
 
 
 PRUNE_SHARE = 0.75
