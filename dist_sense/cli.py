@@ -100,15 +100,17 @@ def _leave(code: int) -> None:
     even with the process group destroyed first: seen from extract and distill ranks under
     DeepSpeed's launcher, which then reports the job failed. So these processes
     run the atexit handlers (shared-memory buffers, logging), flush, and leave without that
-    teardown. Stages close their own files and writers before returning. A process that
+    teardown; TensorBoard writers still open are closed first. A process that
     never joined torch.distributed (tests calling run_stage, build_dict on MPI) returns as usual.
     """
     import atexit
 
     from dist_sense.comm import torch_dist
+    from dist_sense.runtime import metrics
 
     if not torch_dist.is_initialized():
         return
+    metrics.close_writers()
     atexit.unregister(torch_dist.end_gloo_group)  # destroying the group is a teardown step of its own
     atexit._run_exitfuncs()
     sys.stdout.flush()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from pathlib import Path
 
 from dist_sense import comm
@@ -26,13 +27,31 @@ class _NullWriter:
         pass
 
 
+_WRITERS: list = []
+"""Weak references to the writers summary_writer made, for close_writers."""
+
+
 def summary_writer(run_dir: str | Path, stage: str):
     """A SummaryWriter for RUN/tb/<stage> on rank 0; elsewhere one that drops everything."""
     if not comm.detect().is_main:
         return _NullWriter()
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(log_dir=str(Path(run_dir) / "tb" / stage))
+    writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb" / stage))
+    _WRITERS.append(weakref.ref(writer))
+    return writer
+
+
+def close_writers() -> None:
+    """Flush and close every writer summary_writer made that is still open (closing twice is harmless).
+
+    For a process about to leave without the interpreter's teardown (cli._leave), which is
+    what would otherwise flush a writer nobody closed."""
+    for ref in _WRITERS:
+        writer = ref()
+        if writer is not None:
+            writer.close()
+    _WRITERS.clear()
 
 
 class StepLog:
