@@ -15,7 +15,6 @@ comm.detect() reads the same from the environment.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -93,29 +92,17 @@ def run_stage(description: str, stage_run, argv: list[str] | None = None, mpi: b
 
 
 def _leave(code: int) -> None:
-    """End a process that joined torch.distributed now, with `code`, once its exit handlers have run.
-
-    The interpreter's own teardown of such a process sometimes aborts in C++ destructors
-    ("terminate called without an active exception", exit -6) after the stage has finished,
-    even with the process group destroyed first: seen from extract and distill ranks under
-    DeepSpeed's launcher, which then reports the job failed. So these processes
-    run the atexit handlers (shared-memory buffers, logging), flush, and leave without that
-    teardown; TensorBoard writers still open are closed first. A process that
-    never joined torch.distributed (tests calling run_stage, build_dict on MPI) returns as usual.
-    """
-    import atexit
-
+    """End a process that joined torch.distributed now, with `code` (torch_dist.exit_now: its interpreter
+    teardown sometimes aborts, seen from extract and distill ranks under DeepSpeed's launcher,
+    which then reports the job failed). TensorBoard writers still open are closed first, since
+    that teardown is what would flush them. A process that never joined torch.distributed
+    (tests calling run_stage, build_dict on MPI) returns as usual."""
     from dist_sense.comm import torch_dist
     from dist_sense.runtime import metrics
 
-    if not torch_dist.is_initialized():
-        return
-    metrics.close_writers()
-    atexit.unregister(torch_dist.end_gloo_group)  # destroying the group is a teardown step of its own
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    if torch_dist.is_initialized():
+        metrics.close_writers()
+        torch_dist.exit_now(code)
 
 
 def _end_job(abort_mpi: bool, code: int) -> None:

@@ -53,6 +53,23 @@ def end_gloo_group() -> None:
         tdist.destroy_process_group()
 
 
+def exit_now(code: int) -> None:
+    """Leave this process with `code` once its exit handlers have run, skipping the interpreter's teardown.
+
+    For a process that joined torch.distributed: its teardown sometimes aborts in C++
+    destructors ("terminate called without an active exception", exit -6) after the work is
+    done, even with the group destroyed first by end_gloo_group, which is therefore left out
+    (destroying the group is a teardown step of its own). The other handlers (shared-memory
+    buffers, logging) run; buffered output is flushed."""
+    import sys
+
+    atexit.unregister(end_gloo_group)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def remove_own_shm_buffer(rank: int, port: str) -> None:
     """Unlink this rank's /dev/shm all-reduce buffer of DeepSpeed's CPU backend at exit.
 

@@ -133,8 +133,7 @@ def local_changes(local: LocalTile, chunks: list[Chunk], centres, valid, row_lab
     centre_sq = xp.einsum("tkd,tkd->tk", centres, centres)  # no [T, K, d] temporary
     senses = xp.arange(k_max)
     inertia = xp.zeros(n_pos, dtype=xp.float64)
-    counts = xp.zeros(n_pos * k_max, dtype=xp.float64)
-    keys, sums = [], []
+    keys, sums, joined, left = [], [], [], []
     for chunk in chunks:
         x, labels, nearest = _nearest_senses(local, chunk, centres, centre_sq, valid, xp)
         inertia[chunk.index] = nearest.sum(axis=1, dtype=xp.float64)
@@ -146,8 +145,8 @@ def local_changes(local: LocalTile, chunks: list[Chunk], centres, valid, row_lab
         base = chunk.index[:, None] * k_max
         new_keys, old_keys = (base + labels)[changed], (base + old)[changed]
         was = old[changed] >= 0
-        counts += xp.bincount(new_keys, minlength=n_pos * k_max)
-        counts -= xp.bincount(old_keys[was], minlength=n_pos * k_max)
+        joined.append(new_keys)
+        left.append(old_keys[was])
         row_labels[chunk.rows[changed]] = labels[changed]
         if n_changed > DENSE_SHARE * int(chunk.valid.sum()):
             onehot = ((labels[:, :, None] == senses) & chunk.valid[:, :, None]).astype(xp.float32)
@@ -162,6 +161,11 @@ def local_changes(local: LocalTile, chunks: list[Chunk], centres, valid, row_lab
             unique, summed = segment_sums(chunk_keys, signed, xp)  # float32, as the one-hot product
             keys.append(unique)
             sums.append(summed.astype(xp.float64))
+    # One count of the senses rows joined and left, for all chunks: not a [P * K] count per chunk.
+    counts = xp.zeros(n_pos * k_max, dtype=xp.float64)
+    if joined:
+        counts += xp.bincount(xp.concatenate(joined), minlength=n_pos * k_max)
+        counts -= xp.bincount(xp.concatenate(left), minlength=n_pos * k_max)
     keys = xp.concatenate(keys) if keys else xp.zeros(0, dtype=xp.int64)
     sums = xp.concatenate(sums) if sums else xp.zeros((0, d), dtype=xp.float64)
     return Changes(keys, sums, counts, inertia)

@@ -58,7 +58,7 @@ def plusplus_job(sub, k: np.ndarray, rng: np.random.Generator, xp):
         index = np.arange(n_tokens)[mine]
         # On the CPU, tokens go in blocks whose points stay in cache through all k steps (each
         # step reads every point once); a GPU takes the whole share at once.
-        per_block = len(index) if xp is not np else max(1, SEED_BLOCK_ELEMENTS // (width * d))
+        per_block = max(1, len(index) if xp is not np else SEED_BLOCK_ELEMENTS // (width * d))
         parts = [_plusplus(sub[b], k[b], first[b], steps[:, b], xp)
                  for b in np.array_split(index, max(1, -(-len(index) // per_block)))]
         if len(parts) == 1:
