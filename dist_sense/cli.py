@@ -5,7 +5,8 @@ and turns errors into exit codes: a bad input (config, corpus, manifest, shard, 
 labels, teacher, run directory, and a full, read-only or forbidden filesystem) is one line
 naming the culprit and exit code 2; anything else is a bug and keeps its traceback (exit
 code 1); SIGTERM is exit code 3 (resumable: distill saves a checkpoint first, the other
-stages keep what they finished). Under MPI a failing rank ends the whole job, since its
+stages keep what they finished); a peer rank lost (its node gone, comm/liveness.py) is exit
+code 4, resumable once the node is back. Under MPI a failing rank ends the whole job, since its
 peers may be waiting for it in a collective. `--restart-stage` moves aside a stage's output
 made from other inputs or settings instead of refusing it (stages/guard.py).
 
@@ -27,6 +28,7 @@ STOPPED_EXIT_CODE = 3
 
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by input or config: printed as one line, not as a traceback."""
+    from dist_sense.comm.liveness import TimeoutSettingError
     from dist_sense.formats.corpus import CorpusError
     from dist_sense.formats.dictionary import DictionaryError
     from dist_sense.formats.manifest import ManifestError
@@ -35,7 +37,8 @@ def user_errors() -> tuple[type[Exception], ...]:
     from dist_sense.runtime.rundir import RunDirError
 
     # Labels, checkpoint, identity and evaluation errors are ManifestErrors.
-    return ConfigError, CorpusError, DictionaryError, ManifestError, ShardError, TeacherError, RunDirError
+    return (ConfigError, CorpusError, DictionaryError, ManifestError, ShardError, TeacherError, RunDirError,
+            TimeoutSettingError)
 
 
 def disk_error(err: BaseException, cfg: RunConfig):
@@ -48,14 +51,16 @@ def disk_error(err: BaseException, cfg: RunConfig):
 
 
 def run_stage(description: str, stage_run, argv: list[str] | None = None, mpi: bool = False,
-              engine_key: str = "distill.ds_config"):
+              engine_key: str = "distill.ds_config", stage: str | None = None):
     """Parse the command line, run `stage_run(cfg)`, print its output directory.
 
     mpi: the stage's ranks talk over MPI (build_dict): they reuse freed memory for the
     tile loop's large arrays, and a failing rank aborts the MPI job.
     engine_key: the config key `--deepspeed FILE` sets (the stage's own DeepSpeed JSON).
+    stage: the name of the stage's heartbeat folder, RUN/liveness/<stage> (default: the launcher's file name).
     """
     from dist_sense import comm
+    from dist_sense.comm import liveness
     from dist_sense.runtime import process
 
     cfg, restart = parse_run_config(description, argv, engine_key)
@@ -64,7 +69,9 @@ def run_stage(description: str, stage_run, argv: list[str] | None = None, mpi: b
     process.terminate_on_sigterm()
     if mpi:
         process.retain_freed_memory()
+    liveness.configure(cfg.run_path, stage or Path(sys.argv[0]).stem)
     try:
+        liveness.peer_timeout(), liveness.collective_timeout()  # a bad setting is refused before any work
         out = stage_run(cfg, restart=True) if restart else stage_run(cfg)
     except process.Terminated:
         print(f"stopped [rank {env.rank}]: SIGTERM; what was finished is kept, rerun the same command to resume",
@@ -97,15 +104,19 @@ def _leave(code: int) -> None:
     which then reports the job failed). TensorBoard writers still open are closed first, since
     that teardown is what would flush them. A process that never joined torch.distributed
     (tests calling run_stage, build_dict on MPI) returns as usual."""
-    from dist_sense.comm import torch_dist
+    from dist_sense.comm import liveness, torch_dist
     from dist_sense.runtime import metrics
 
+    liveness.leave(code)
     if torch_dist.is_initialized():
         metrics.close_writers()
         torch_dist.exit_now(code)
 
 
 def _end_job(abort_mpi: bool, code: int) -> None:
+    from dist_sense.comm import liveness
+
+    liveness.leave(code)
     if abort_mpi:
         from dist_sense.comm import abort_world
 

@@ -53,13 +53,34 @@ def detect(environ: dict | None = None) -> DistEnv:
     return DistEnv(0, 0, 1, "none")
 
 
-def local_world_size() -> int:
-    """Processes of this job on this node (1 when no launcher says)."""
-    for var in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"):
-        value = os.environ.get(var, "")
+def local_world_size(environ: dict | None = None) -> int:
+    """Processes of this job on this node (1 when no launcher says).
+
+    Under srun the count comes from the step's per-node task list at this node's index
+    (SLURM_STEP_TASKS_PER_NODE at SLURM_NODEID), since SLURM_NTASKS_PER_NODE is only what
+    was asked for and is wrong on a node of a 2 + 1 layout."""
+    env = os.environ if environ is None else environ
+    for var in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+        value = env.get(var, "")
         if value.isdigit() and int(value) > 0:
             return int(value)
-    return 1
+    counts = slurm_tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", ""))
+    node = env.get("SLURM_NODEID", "")
+    if counts and node.isdigit() and int(node) < len(counts):
+        return counts[int(node)]
+    value = env.get("SLURM_NTASKS_PER_NODE", "")
+    return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
+def slurm_tasks_per_node(spec: str) -> list[int]:
+    """Slurm's compressed per-node counts, "2(x3),1" -> [2, 2, 2, 1]; [] for an empty or unreadable one."""
+    counts: list[int] = []
+    for part in filter(None, spec.split(",")):
+        value, _, repeat = part.partition("(x")
+        if not value.isdigit() or (repeat and not repeat.rstrip(")").isdigit()):
+            return []
+        counts += [int(value)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return counts
 
 
 def free_port() -> int:
@@ -104,6 +125,13 @@ def _slurm_first_host() -> str:
     out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=False)
     hosts = out.stdout.split()
     return hosts[0] if hosts else "127.0.0.1"
+
+
+def announce(env: DistEnv, transport: str, detail: str) -> None:
+    """One line per rank naming its host, so a job's log shows where every rank ran."""
+    if env.world_size > 1:
+        get_logger().info("rank %d of %d on host %s (local rank %d, %s launcher, %s, %s)", env.rank, env.world_size,
+                          socket.gethostname(), env.local_rank, env.launcher, transport, detail)
 
 
 class _RankFilter(logging.Filter):

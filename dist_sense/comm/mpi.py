@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from dist_sense.comm.env import detect
+from dist_sense.comm.env import announce, detect
 
 
 @dataclass
@@ -164,7 +164,14 @@ def open_comm() -> LocalComm:
     if world.Get_size() != env.world_size:
         raise RuntimeError(f"the {env.launcher} launcher says {env.world_size} ranks but MPI sees {world.Get_size()}: "
                            "start with mpirun -n N, or srun --mpi=pmi2 (or pmix) under Slurm")
-    return MpiComm(world, env.local_rank)
+    comm = MpiComm(world, env.local_rank)
+    from mpi4py import MPI
+
+    from dist_sense.comm import liveness
+
+    announce(env, "MPI", MPI.Get_library_version().strip().splitlines()[0].strip())
+    liveness.join(comm.rank, comm.world, comm.bcast, tidy=remove_own_mpich_shm)
+    return comm
 
 
 def abort_world(code: int) -> None:

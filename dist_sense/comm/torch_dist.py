@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import atexit
 import os
+from datetime import timedelta
 from pathlib import Path
 
-from dist_sense.comm.env import DistEnv, detect, export_torch_env
+from dist_sense.comm import liveness
+from dist_sense.comm.env import DistEnv, announce, detect, export_torch_env
 
 
 def cuda_available() -> bool:
@@ -29,16 +31,21 @@ def init_torch(backend: str | None = None, use_deepspeed: bool = True) -> DistEn
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     if not tdist.is_initialized():
         backend = backend or ("nccl" if cuda_available() else "gloo")
+        # The rendezvous and every collective give up after this, not after torch's 30 minutes.
+        timeout = timedelta(seconds=liveness.collective_timeout())
         if use_deepspeed:
             import deepspeed
 
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
             if not cuda_available():
                 atexit.register(remove_own_shm_buffer, env.rank, os.environ.get("MASTER_PORT", ""))
         else:
-            tdist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size)
+            tdist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
         if backend == "gloo":
             atexit.register(end_gloo_group)
+        announce(env, backend, f"rendezvous {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
+        port = os.environ.get("MASTER_PORT", "")
+        liveness.join(env.rank, env.world_size, broadcast_object, tidy=lambda: remove_own_shm_buffer(env.rank, port))
     return env
 
 
