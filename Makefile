@@ -30,12 +30,13 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PY) -m dist_sense.runtime.warmup
 	touch $(STAMP)
 
-# Debian's Slurm for the tests that start a private single-node Slurm (skipped without it).
+# Debian's Slurm (and iproute2) for the tests that start a private Slurm: one node, and two nodes in
+# network namespaces (skipped without them).
 SYSTEM_STAMP := $(VENV)/.system-packages
 $(SYSTEM_STAMP): | $(STAMP)
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  if (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	      slurmctld slurmd slurm-client munge) >$(VENV)/apt.log 2>&1; then echo "installed Slurm for the Slurm tests"; \
+	      slurmctld slurmd slurm-client munge iproute2) >$(VENV)/apt.log 2>&1; then echo "installed Slurm for the Slurm tests"; \
 	  else echo "could not install Slurm (see $(VENV)/apt.log): the Slurm tests will be skipped"; fi; \
 	else echo "not root or no apt-get: the Slurm tests will be skipped"; fi
 	touch $@

@@ -14,8 +14,14 @@
 #   MPIRUN        launcher of k-means outside Slurm (default: mpirun on PATH)
 #   SRUN_MPI      srun's MPI plugin for k-means (default: pmi2; pmix on some clusters)
 #   SKIP_EXTRACT  1: skip extraction (RUN/hidden/ is complete), run k-means only
+#   DIST_SENSE_PEER_TIMEOUT        seconds without a peer's heartbeat before it counts as lost (default 120)
+#   DIST_SENSE_COLLECTIVE_TIMEOUT  torch.distributed rendezvous and collective timeout (default 600)
 # Arguments after the script are key=value overrides, given to both stages.
 # Under Slurm one task runs per GPU: --ntasks-per-node must equal --gpus-per-node.
+# A node lost mid-run: the ranks that watch it exit with code 4 after DIST_SENSE_PEER_TIMEOUT
+# and srun ends the step once Slurm declares the node down (SlurmdTimeout). Slurm requeues a
+# batch job whose node failed unless it was submitted with --no-requeue; either way the rerun
+# resumes (docs/operations.md, Across nodes).
 #
 # --signal=TERM@120 (no "B:"): SIGTERM to the tasks of every job step (the ranks under srun)
 # 120 s (Slurm may add up to 60 s) before the time limit, as slurm/distill.sh asks for too;

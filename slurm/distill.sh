@@ -13,13 +13,17 @@
 #   PYTHON      interpreter                                   (default .venv/bin/python if present, else python)
 #   NPROC       processes outside Slurm                       (default 2)
 #   DS_ACCELERATOR  cpu or cuda; outside Slurm, cpu when nvidia-smi finds no GPU
+#   DIST_SENSE_PEER_TIMEOUT        seconds without a peer's heartbeat before it counts as lost (default 120)
+#   DIST_SENSE_COLLECTIVE_TIMEOUT  torch.distributed rendezvous and collective timeout (default 600)
 # Extra arguments are key=value config overrides passed to both stages.
 # Both stages resume: resubmitting the same job continues where the last one stopped.
 # Submit from the repository root (the job runs in $SLURM_SUBMIT_DIR).
 #
 # Stopping early: on SIGTERM distill saves a checkpoint at the next step and exits with code 3
-# (0 = finished, 1 = a bug, 2 = an input error); this script then exits 3 too: resubmit (or
-# `scontrol requeue` a job submitted with --requeue) to resume. The label stage has no handler:
+# (0 = finished, 1 = a bug, 2 = an input error, 4 = a peer rank lost with its node); this script
+# then exits 3 too: resubmit (or `scontrol requeue` a job submitted with --requeue) to resume.
+# After exit 4 resubmit once the node is back (or --exclude it): distill resumes from its
+# newest complete checkpoint, with the same number of ranks. The label stage has no handler:
 # SIGTERM ends it, and its rerun resumes from its last closed shard.
 # --signal=TERM@120 (no "B:") makes Slurm send SIGTERM to the tasks of every job step, i.e. the
 # python ranks under srun, 120 s (Slurm may add up to 60 s) before the time limit. "B:TERM@120"

@@ -143,10 +143,12 @@ def test_unequal_tasks_per_node_run(cluster, work):
 
 
 LOSSES = {
-    # stage: (script, the crash point slowed so the loss lands mid-stage, the file that says the stage is under way)
-    "extract": ("slurm/build_dict.sh", "hidden.window:0.5", "liveness/extract/rank-00001"),
-    "kmeans": ("slurm/build_dict.sh", "build_dict.tile:1.5", "liveness/build_dict/rank-00001"),
-    "distill": ("slurm/distill.sh", "distill.step:1", "student/checkpoints/step2/dist_sense_complete.json"),
+    # stage: (script, the crash point slowed so the loss lands mid-stage, the file that says the stage is under way,
+    #         the file that says it finished)
+    "extract": ("slurm/build_dict.sh", "hidden.window:0.5", "liveness/extract/rank-00001", "hidden/manifest.json"),
+    "kmeans": ("slurm/build_dict.sh", "build_dict.tile:1.5", "liveness/build_dict/rank-00001", "dictionary/index.json"),
+    "distill": ("slurm/distill.sh", "distill.step:1", "student/checkpoints/step2/dist_sense_complete.json",
+                "student/final/model.safetensors"),
 }
 
 
@@ -158,15 +160,17 @@ def test_a_node_lost_mid_stage_fails_in_bounded_time_and_the_resubmitted_job_fin
     layout = ["--nodes=2", "--ntasks-per-node=1"]
     if stage == "distill":
         run_job(cluster, work, "slurm/build_dict.sh", layout)
-    script, slow, under_way = LOSSES[stage]
+    script, slow, under_way, finished = LOSSES[stage]
     job = cluster.submit(script, [*layout, "--no-requeue"],
                          job_env(work, DIST_SENSE_SLOW=slow, DIST_SENSE_PEER_TIMEOUT=PEER_TIMEOUT_S), testing.REPO_ROOT)
     cluster.wait_for((work["run"] / under_way).exists, f"{stage} to be under way", 180, poll=0.2)
     lost_at = cluster.lose(cluster.nodes[1])
+    assert not (work["run"] / finished).exists(), f"{stage} had finished before the node was lost"
     code = job.wait(timeout=LOSS_BOUND_S + 60)
     took = job.ended - lost_at
     output = job.output()
-    assert code != 0, output[-4000:]
+    print(f"node lost during {stage}: the job ended {took:.1f} s later with exit code {code}")
+    assert code != 0 and not (work["run"] / finished).exists(), output[-4000:]
     assert took < LOSS_BOUND_S, f"the job took {took:.0f} s to end after the node was lost:\n{output[-4000:]}"
     assert "error [rank 0]: lost rank 1 of 2 (host dsn2)" in output, output[-4000:]
     assert "no heartbeat for" in output
