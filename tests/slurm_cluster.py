@@ -34,25 +34,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+COMMON_SETTINGS = {
+    "SlurmUser": "root", "SlurmdUser": "root", "AuthType": "auth/munge", "CredType": "cred/munge",
+    "ProctrackType": "proctrack/linuxproc", "TaskPlugin": "task/none", "SelectType": "select/cons_tres",
+    "SelectTypeParameters": "CR_Core", "SchedulerType": "sched/builtin", "MpiDefault": "none", "ReturnToService": 2,
+    # With the default 300 s, `sbatch --wait` polls at 2, 8, 32 s; 4 s keeps tests quick.
+    "MinJobAge": 4, "JobAcctGatherType": "jobacct_gather/none", "AccountingStorageType": "accounting_storage/none",
+}
+"""slurm.conf settings of every private test Slurm, one node or several."""
+PARTITION = "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES"
+
+
+def memory_mb(share: float = 0.8) -> int:
+    """`share` of this machine's memory in MB, for a NodeName line's RealMemory."""
+    return int(int(Path("/proc/meminfo").read_text().split()[1]) / 1024 * share)
+
+
+def slurm_conf(settings: dict, node_lines: list[str]) -> str:
+    lines = [f"{k}={v}" for k, v in {**COMMON_SETTINGS, **settings}.items()]
+    return "\n".join([*lines, *node_lines, PARTITION]) + "\n"
+
+
 def _slurm_conf(root: Path, host: str) -> str:
     cpus = os.cpu_count() or 1
-    memory_mb = int(int(Path("/proc/meminfo").read_text().split()[1]) / 1024 * 0.8)
     settings = {
-        "ClusterName": "distsense", "SlurmctldHost": host, "SlurmUser": "root", "SlurmdUser": "root",
-        "AuthType": "auth/munge", "AuthInfo": f"socket={root / 'munge.sock'}", "CredType": "cred/munge",
-        "ProctrackType": "proctrack/linuxproc", "TaskPlugin": "task/none", "SelectType": "select/cons_tres",
-        "SelectTypeParameters": "CR_Core", "SchedulerType": "sched/builtin", "MpiDefault": "none",
+        "ClusterName": "distsense", "SlurmctldHost": host, "AuthInfo": f"socket={root / 'munge.sock'}",
         "StateSaveLocation": root / "state", "SlurmdSpoolDir": root / "spool",
         "SlurmctldPidFile": root / "slurmctld.pid", "SlurmdPidFile": root / "slurmd.pid",
-        "SlurmctldPort": _free_port(), "SlurmdPort": _free_port(), "ReturnToService": 2,
-        # With the default 300 s, `sbatch --wait` polls at 2, 8, 32 s; 4 s keeps tests quick.
-        "MinJobAge": 4, "JobAcctGatherType": "jobacct_gather/none", "AccountingStorageType": "accounting_storage/none",
+        "SlurmctldPort": _free_port(), "SlurmdPort": _free_port(),
         "SlurmctldLogFile": root / "slurmctld.log", "SlurmdLogFile": root / "slurmd.log",
     }
-    lines = [f"{k}={v}" for k, v in settings.items()]
-    lines.append(f"NodeName={host} CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN")
-    lines.append("PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES")
-    return "\n".join(lines) + "\n"
+    return slurm_conf(settings, [f"NodeName={host} CPUs={cpus} RealMemory={memory_mb()} State=UNKNOWN"])
 
 
 class SlurmCluster:

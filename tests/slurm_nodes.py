@@ -28,6 +28,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from slurm_cluster import memory_mb, slurm_conf
 from slurm_cluster import why_unavailable as slurm_missing
 
 PREFIX = "dsn"
@@ -83,26 +84,20 @@ def _kill(pid: int, sig: int) -> None:
 
 
 def _slurm_conf(root: Path, nodes: list["Node"], cpus: int) -> str:
-    memory_mb = int(int(Path("/proc/meminfo").read_text().split()[1]) / 1024 * 0.8 / len(nodes))
     run = root / "node-run"  # each node's own folder is mounted here
     settings = {
         "ClusterName": "distsense2", "SlurmctldHost": f"{nodes[0].name}({nodes[0].address})",
-        "SlurmUser": "root", "SlurmdUser": "root", "AuthType": "auth/munge", "AuthInfo": f"socket={run / 'munge.sock'}",
-        "CredType": "cred/munge", "ProctrackType": "proctrack/linuxproc", "TaskPlugin": "task/none",
-        "SelectType": "select/cons_tres", "SelectTypeParameters": "CR_Core", "SchedulerType": "sched/builtin",
-        "MpiDefault": "none", "StateSaveLocation": root / "state", "SlurmdSpoolDir": run / "spool",
-        "SlurmctldPidFile": run / "slurmctld.pid", "SlurmdPidFile": run / "slurmd.pid", "ReturnToService": 2,
+        "AuthInfo": f"socket={run / 'munge.sock'}", "StateSaveLocation": root / "state", "SlurmdSpoolDir": run / "spool",
+        "SlurmctldPidFile": run / "slurmctld.pid", "SlurmdPidFile": run / "slurmd.pid",
         # A lost node is declared DOWN after SlurmdTimeout (300 s by default): 20 s keeps the node-loss tests short.
-        "SlurmdTimeout": 20, "MinJobAge": 4,
+        "SlurmdTimeout": 20, "KillWait": 5,
         # Nodes share this machine's cores: slurmd takes the CPU count below rather than refuse to oversubscribe.
-        "SlurmdParameters": "config_overrides", "KillWait": 5, "JobAcctGatherType": "jobacct_gather/none",
-        "AccountingStorageType": "accounting_storage/none",
+        "SlurmdParameters": "config_overrides",
         "SlurmctldLogFile": root / "slurmctld.log", "SlurmdLogFile": root / "slurmd-%n.log",
     }
-    lines = [f"{k}={v}" for k, v in settings.items()]
-    lines += [f"NodeName={n.name} NodeAddr={n.address} CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN" for n in nodes]
-    lines.append("PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES")
-    return "\n".join(lines) + "\n"
+    memory = memory_mb(0.8 / len(nodes))
+    return slurm_conf(settings, [f"NodeName={n.name} NodeAddr={n.address} CPUs={cpus} RealMemory={memory} State=UNKNOWN"
+                                 for n in nodes])
 
 
 class Job:
@@ -299,7 +294,7 @@ class SlurmNodes:
 
     def __exit__(self, *exc) -> None:
         for node in self.nodes:
-            for pid in self.processes(node) if self._exists(node.netns) else []:
+            for pid in self.processes(node):  # none once the namespace is gone
                 _kill(pid, signal.SIGKILL)
         for proc in self._daemons:
             try:
@@ -311,7 +306,3 @@ class SlurmNodes:
                 node.holder.kill()
             subprocess.run(["ip", "netns", "del", node.netns], capture_output=True)
         subprocess.run(["ip", "netns", "del", self.switch], capture_output=True)
-
-    @staticmethod
-    def _exists(netns: str) -> bool:
-        return Path(f"/var/run/netns/{netns}").exists()

@@ -55,7 +55,7 @@ def seconds_from_env(var: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not value > 0 or value != value or value == float("inf"):
+    if not 0 < value < float("inf"):  # NaN fails too
         raise TimeoutSettingError(f"{var}={raw!r} is not a positive number of seconds (unset it for {default:.0f})")
     return value
 

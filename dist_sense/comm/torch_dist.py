@@ -38,13 +38,13 @@ def init_torch(backend: str | None = None, use_deepspeed: bool = True) -> DistEn
 
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
             if not cuda_available():
-                atexit.register(remove_own_shm_buffer, env.rank, os.environ.get("MASTER_PORT", ""))
+                atexit.register(remove_own_shm_buffer, env.rank, os.environ["MASTER_PORT"])
         else:
             tdist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
         if backend == "gloo":
             atexit.register(end_gloo_group)
-        announce(env, backend, f"rendezvous {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
-        port = os.environ.get("MASTER_PORT", "")
+        port = os.environ["MASTER_PORT"]  # export_torch_env set it
+        announce(env, backend, f"rendezvous {os.environ['MASTER_ADDR']}:{port}")
         liveness.join(env.rank, env.world_size, broadcast_object, tidy=lambda: remove_own_shm_buffer(env.rank, port))
     return env
 
