@@ -510,3 +510,41 @@ def test_inertia_is_summed_exactly_whatever_the_split():
     for ranks in (2, 3, 7):
         parts = sum(exact_sum_parts(part) for part in np.array_split(rng.permutation(values), ranks))
         assert exact_total(parts) == whole
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+def test_updating_only_the_changed_senses_gives_every_sense_its_mean(spherical):
+    """update.update_changed_centres touches only the senses whose sums or counts changed; every centre then
+    equals what dividing all of them again gives, and senses nothing is nearest to keep their place."""
+    from dist_sense.kmeans.update import update_changed_centres
+
+    rng = np.random.default_rng(3)
+    n_tokens, k = 6, 5
+    sums = rng.standard_normal((n_tokens, k, D))
+    counts = rng.integers(0, 4, (n_tokens, k)).astype(np.float64)
+    valid = np.ones((n_tokens, k), dtype=bool)
+    start = rng.standard_normal((n_tokens, k, D)).astype(np.float32)
+
+    def all_means(sums, counts, before):
+        if spherical:
+            mean = sums / np.maximum(np.linalg.norm(sums, axis=2, keepdims=True), 1e-12)
+        else:
+            mean = sums / np.maximum(counts, 1)[:, :, None]
+        return np.where((counts > 0)[:, :, None], mean.astype(np.float32), before)
+
+    everything = np.indices((n_tokens, k)).reshape(2, -1)
+    points = start.copy()
+    update_changed_centres(points, valid, sums, counts, everything[0], everything[1], spherical, np)
+    np.testing.assert_array_equal(points, all_means(sums, counts, start))
+    # Some senses gain or lose rows (one loses all of them); only those are passed.
+    rows, senses = np.array([0, 2, 2, 5]), np.array([1, 0, 4, 3])
+    sums[rows, senses] += rng.standard_normal((4, D))
+    counts[rows, senses] += np.array([1, 2, -counts[2, 4], 1])
+    before = points.copy()
+    moves = update_changed_centres(points, valid, sums, counts, rows, senses, spherical, np)
+    np.testing.assert_array_equal(points, all_means(sums, counts, before))
+    assert counts[2, 4] == 0 and np.array_equal(points[2, 4], before[2, 4]) and moves[2] == 0
+    np.testing.assert_allclose(moves, ((before[rows, senses] - points[rows, senses]) ** 2).sum(axis=1), rtol=1e-6)
+    untouched = np.ones((n_tokens, k), dtype=bool)
+    untouched[rows, senses] = False
+    np.testing.assert_array_equal(points[untouched], before[untouched])

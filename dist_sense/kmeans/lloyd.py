@@ -27,8 +27,8 @@ import numpy as np
 
 from dist_sense.kmeans.exact import exact_sum_parts, exact_total, ordered_row_sums
 from dist_sense.kmeans.groups import size_classes
-from dist_sense.kmeans.start import reseed_empty
 from dist_sense.kmeans.types import Centres, LocalTile, TileRun
+from dist_sense.kmeans.update import add_changes, update_active
 from dist_sense.runtime.backend import to_device, to_host
 
 CHUNK_ELEMENTS = 1 << 21
@@ -131,36 +131,13 @@ def local_changes(local: LocalTile, chunks: list[Chunk], centres, valid, row_lab
     ranks split the data."""
     n_pos, k_max, d = centres.shape
     centre_sq = xp.einsum("tkd,tkd->tk", centres, centres)  # no [T, K, d] temporary
-    senses = xp.arange(k_max)
     inertia = xp.zeros(n_pos, dtype=xp.float64)
-    keys, sums, joined, left = [], [], [], []
-    for chunk in chunks:
-        x, labels, nearest = _nearest_senses(local, chunk, centres, centre_sq, valid, xp)
-        inertia[chunk.index] = nearest.sum(axis=1, dtype=xp.float64)
-        old = row_labels[chunk.rows]
-        changed = chunk.valid & (labels != old)
-        n_changed = int(changed.sum())
-        if n_changed == 0:
-            continue
-        base = chunk.index[:, None] * k_max
-        new_keys, old_keys = (base + labels)[changed], (base + old)[changed]
-        was = old[changed] >= 0
-        joined.append(new_keys)
-        left.append(old_keys[was])
-        row_labels[chunk.rows[changed]] = labels[changed]
-        if n_changed > DENSE_SHARE * int(chunk.valid.sum()):
-            onehot = ((labels[:, :, None] == senses) & chunk.valid[:, :, None]).astype(xp.float32)
-            onehot -= (old[:, :, None] == senses) & chunk.valid[:, :, None]
-            touched = (onehot != 0).any(axis=1)
-            keys.append((base + senses)[touched])
-            sums.append((onehot.transpose(0, 2, 1) @ x)[touched].astype(xp.float64))
-        else:
-            rows = x[changed]
-            chunk_keys = xp.concatenate([new_keys, old_keys[was]])
-            signed = xp.concatenate([rows, -rows[was]])
-            unique, summed = segment_sums(chunk_keys, signed, xp)  # float32, as the one-hot product
-            keys.append(unique)
-            sums.append(summed.astype(xp.float64))
+
+    def one(chunk):
+        return _chunk_changes(local, chunk, centres, centre_sq, valid, row_labels, inertia, xp)
+
+    found = [part for part in map(one, chunks) if part is not None]
+    keys, sums, joined, left = ([part[i] for part in found] for i in range(4))
     # One count of the senses rows joined and left, for all chunks: not a [P * K] count per chunk.
     counts = xp.zeros(n_pos * k_max, dtype=xp.float64)
     if joined:
@@ -169,6 +146,36 @@ def local_changes(local: LocalTile, chunks: list[Chunk], centres, valid, row_lab
     keys = xp.concatenate(keys) if keys else xp.zeros(0, dtype=xp.int64)
     sums = xp.concatenate(sums) if sums else xp.zeros((0, d), dtype=xp.float64)
     return Changes(keys, sums, counts, inertia)
+
+
+def _chunk_changes(local: LocalTile, chunk: Chunk, centres, centre_sq, valid, row_labels, inertia, xp):
+    """One chunk's part of local_changes: (sense keys, their sum changes, keys joined, keys left), or None when no
+    row changed sense. Writes the chunk's tokens' inertia and its rows' labels in place (no other chunk's)."""
+    k_max = centres.shape[1]
+    x, labels, nearest = _nearest_senses(local, chunk, centres, centre_sq, valid, xp)
+    inertia[chunk.index] = nearest.sum(axis=1, dtype=xp.float64)
+    old = row_labels[chunk.rows]
+    changed = chunk.valid & (labels != old)
+    n_changed = int(changed.sum())
+    if n_changed == 0:
+        return None
+    base = chunk.index[:, None] * k_max
+    new_keys, old_keys = (base + labels)[changed], (base + old)[changed]
+    was = old[changed] >= 0
+    row_labels[chunk.rows[changed]] = labels[changed]
+    if n_changed > DENSE_SHARE * int(chunk.valid.sum()):
+        senses = xp.arange(k_max)
+        onehot = ((labels[:, :, None] == senses) & chunk.valid[:, :, None]).astype(xp.float32)
+        onehot -= (old[:, :, None] == senses) & chunk.valid[:, :, None]
+        touched = (onehot != 0).any(axis=1)
+        keys, sums = (base + senses)[touched], (onehot.transpose(0, 2, 1) @ x)[touched].astype(xp.float64)
+    else:
+        rows = x[changed]
+        chunk_keys = xp.concatenate([new_keys, old_keys[was]])
+        signed = xp.concatenate([rows, -rows[was]])
+        keys, summed = segment_sums(chunk_keys, signed, xp)  # float32, as the one-hot product
+        sums = summed.astype(xp.float64)
+    return keys, sums, new_keys, old_keys[was]
 
 
 def segment_sums(keys, values, xp):
@@ -224,18 +231,6 @@ def assign_senses(local: LocalTile, chunks: list[Chunk], centres, valid, xp):
     return labels, distances
 
 
-def update_centres(sums, counts, centres, valid, spherical: bool, xp):
-    """New centres (means, or unit mean directions) and the mask of valid senses left empty."""
-    filled = valid & (counts > 0)
-    if spherical:
-        mean = sums / xp.maximum(xp.linalg.norm(sums, axis=2, keepdims=True), 1e-12)
-    else:
-        mean = sums / xp.maximum(counts, 1)[:, :, None]
-    mean = mean.astype(xp.float32)
-    xp.copyto(mean, centres, where=~filled[:, :, None])  # senses nothing was nearest keep their place
-    return mean, valid & (counts == 0)
-
-
 def run_lloyd(run: TileRun, chunks: list[Chunk], centres: Centres, groups: list) -> list[dict]:
     """Lloyd iterations, two allreduces each (reduce_changes), each token stopping on its own; returns the history.
 
@@ -267,23 +262,17 @@ def run_lloyd(run: TileRun, chunks: list[Chunk], centres: Centres, groups: list)
         at_planned = to_device(planned, xp)
         changes = local_changes(local, chunks, points[at_planned], valid[at_planned], row_labels, xp)
         union, block, count_change, inertia = reduce_changes(changes, run.comm, len(planned), k_max, d, xp)
-        _add_changes(sums, counts, planned, union, block, count_change, xp)
+        add_changes(sums, counts, planned, union, block, count_change, xp)
         moving = np.isin(planned, active)
         token_inertia[planned[moving]] = inertia[moving]  # a stopped token's inertia stays what it was
-        at = to_device(active, xp)
-        current = points[at]
-        updated, empty = update_centres(sums[at], counts[at], current, valid[at], cfg.spherical, xp)
-        reseeded = _reseed(groups, active, updated, valid, empty, xp)
-        current -= updated  # now the move, in place: no further [A, K, d] temporaries
-        moved_by = to_host(xp.einsum("tkd,tkd->t", current, current, dtype=xp.float64))
-        points[at] = updated
+        moved_by, reseeded = update_active(run, groups, centres, sums, counts, planned, active, union)
         total = float(token_inertia.sum())
         history.append({"iteration": iteration, "inertia": total, "shift": float(moved_by.sum()), "reseeded": reseeded,
                         "active_tokens": int(len(active)), "planned_tokens": int(len(planned)),
                         "changed_senses": int(len(union))})
         if run.on_iteration is not None:
             run.on_iteration(history[-1])
-        per_dim = token_inertia[active] / np.maximum(to_host(counts[at].sum(axis=1)) * d, 1)
+        per_dim = token_inertia[active] / np.maximum(to_host(counts[to_device(active, xp)].sum(axis=1)) * d, 1)
         still = (moved_by > cfg.tol * per_dim) & (moved_by > 0)
         if not still.any() or (previous is not None and abs(previous - total) <= cfg.tol * previous):
             break
@@ -295,13 +284,6 @@ def run_lloyd(run: TileRun, chunks: list[Chunk], centres: Centres, groups: list)
         else:
             chunks = prune_chunks(chunks, to_device(np.isin(planned, active), xp), xp)
     return history
-
-
-def _add_changes(sums, counts, planned: np.ndarray, union: np.ndarray, block, count_change, xp) -> None:
-    """Add reduce_changes' summed changes to the kept sums [T, K, d] and counts [T, K] (centre rows `planned`)."""
-    k_max = counts.shape[1]
-    sums[to_device(planned[union // k_max], xp), to_device(union % k_max, xp)] += to_device(block, xp)
-    counts[to_device(planned, xp)] += to_device(count_change.reshape(len(planned), k_max), xp)
 
 
 PRUNE_SHARE = 0.75
@@ -327,25 +309,6 @@ def prune_chunks(chunks: list[Chunk], moving, xp) -> list[Chunk]:
         kept.append(Chunk(chunk.slots[keep], chunk.index[keep], chunk.rows[keep], chunk.valid[keep], chunk.x[keep],
                           chunk.sq[keep]))
     return kept
-
-
-def _reseed(groups: list, active: np.ndarray, updated, valid, empty, xp) -> int:
-    """Re-seed the empty senses of the `active` centre rows (updated, empty: one row each) group by group.
-
-    Moves `updated` rows and drops senses from `valid` (all centre rows) in place; returns
-    how many senses moved."""
-    at, reseeded = to_device(active, xp), 0
-    for group, first, end in groups:
-        rows = np.flatnonzero((active >= first) & (active < end))
-        if len(rows) == 0 or not bool(empty[to_device(rows, xp)].any()):
-            continue  # nothing to re-seed: spare the copy of the group's subsample
-        part = group[active[rows] - first]
-        rows_dev = to_device(rows, xp)
-        moved, still_valid, count = reseed_empty(part, updated[rows_dev], valid[at][rows_dev], empty[rows_dev], xp)
-        updated[rows_dev] = moved
-        valid[at[rows_dev]] = still_valid
-        reseeded += count
-    return reseeded
 
 
 def final_assignment(run: TileRun, chunks: list[Chunk], centres: Centres):

@@ -27,6 +27,22 @@ def _sq_distances(points, sq, centres, xp):
     return xp.maximum(sq[:, :, None] - 2 * cross + xp.einsum("tmd,tmd->tm", centres, centres)[:, None, :], 0)
 
 
+def _trial_closest(points, sq, candidates, closest, mask, xp):
+    """[T, c, s]: each point's squared distance to its nearest centre if candidate c joined the centres.
+
+    Kept candidate-major, contiguous along the points, and computed in place: one product
+    and a few passes over [T, c, s], no transposed temporaries (k-means++ takes one such step
+    per centre)."""
+    trial = candidates @ points.transpose(0, 2, 1)
+    trial *= -2
+    trial += sq[:, None, :]
+    trial += xp.einsum("tcd,tcd->tc", candidates, candidates)[:, :, None]
+    xp.maximum(trial, 0, out=trial)
+    xp.minimum(trial, closest[:, None, :], out=trial)
+    trial *= mask[:, None, :]
+    return trial
+
+
 SEED_BLOCK_ELEMENTS = 1 << 21
 """Floats of subsample points k-means++ seeds at once on the CPU (8 MB: they stay in cache through its k steps)."""
 
@@ -74,7 +90,7 @@ def _plusplus(sub: Subsample, k: np.ndarray, first_draw: np.ndarray, step_draws:
     n_tokens, width, d = points.shape
     k_max = len(step_draws) + 1
     tokens = xp.arange(n_tokens)
-    sq = (points * points).sum(-1)
+    sq = xp.einsum("tsd,tsd->ts", points, points)  # no [T, s, d] temporary
     k_dev, n_valid = to_device(k, xp), to_device(counts, xp)
     centres = xp.zeros((n_tokens, k_max, d), dtype=xp.float32)
     valid = xp.zeros((n_tokens, k_max), dtype=bool)
@@ -89,11 +105,11 @@ def _plusplus(sub: Subsample, k: np.ndarray, first_draw: np.ndarray, step_draws:
         pick = (cumulative[:, None, :] < draws[:, :, None]).sum(axis=-1)
         pick = xp.minimum(pick, xp.maximum(n_valid - 1, 0)[:, None])
         candidates = points[tokens[:, None], pick]
-        trial = xp.minimum(closest[:, :, None], _sq_distances(points, sq, candidates, xp)) * mask[:, :, None]
-        best = xp.argmin(trial.sum(axis=1), axis=1)
+        trial = _trial_closest(points, sq, candidates, closest, mask, xp)
+        best = xp.argmin(trial.sum(axis=2), axis=1)
         active = (j < k_dev) & (potential > 0)
         centres[:, j] = xp.where(active[:, None], candidates[tokens, best], 0)
-        closest = xp.where(active[:, None], trial[tokens, :, best], closest)
+        closest = xp.where(active[:, None], trial[tokens, best], closest)
         valid[:, j] = active
     return centres, valid
 
