@@ -40,16 +40,23 @@ MOVED_KEYS = {"kmeans.spill_memory_mb": "memory.spill_mb", "kmeans.held_results_
 class ModelConfig(Section):
     _key = "model"
     teacher: str = ""
-    """Teacher model: a local directory `AutoModel.from_pretrained` can load."""
+    """Teacher model: a local HF model directory, a .gguf file (dequantised once, cached), or pkg:PACKAGE shipping either."""
     tokenizer: str = ""
     """Tokenizer directory; empty means the teacher's directory."""
     layer: int = -1
     """Hidden layer to read: -1 is the last (the final-norm output for decoders), 0 the embeddings."""
     dtype: str = "fp32"
     """Teacher compute dtype: fp32, bf16 or fp16."""
+    adapters: list = field(default_factory=list)
+    """PEFT adapter folders applied to the teacher in order and merged into its weights (once, cached)."""
+    bidirectional: bool = False
+    """Run a decoder teacher without its causal mask (LLM2Vec); refused for an encoder."""
 
     def _check(self) -> None:
         check_choice("model.dtype", self.dtype, DTYPES)
+        for i, adapter in enumerate(self.adapters):
+            if not isinstance(adapter, str) or not adapter:
+                raise ConfigError(f"model.adapters[{i}]={adapter!r}: must be a PEFT adapter folder path")
 
 
 @dataclass

@@ -116,8 +116,9 @@ class SenseEncoder:
     def load(cls, run_dir, model: str = "student", similarity: str | None = None, device=None,
              student_dir: str | None = None) -> "SenseEncoder":
         """Open RUN (its config.json and dictionary/) with the teacher or the student (RUN/student/final)."""
+        from dist_sense.model.loading import frozen_teacher
         from dist_sense.model.student import check_dictionary, load_student
-        from dist_sense.model.teacher import layer_states, load_tokenizer, normalise_layer, resolve_model_path
+        from dist_sense.model.teacher import layer_states, load_tokenizer, normalise_layer
 
         run_dir = Path(run_dir)
         cfg = RunConfig.load(run_dir / "config.json")
@@ -126,9 +127,7 @@ class SenseEncoder:
         dictionary.check_tokenizer(tokenizer)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if model == "teacher":
-            from transformers import AutoModel
-
-            net = AutoModel.from_pretrained(resolve_model_path(cfg.model.teacher), dtype=torch.float32).to(device).eval()
+            net = frozen_teacher(cfg.model, device)
             n_layers = int(net.config.num_hidden_layers)
             layer = normalise_layer(cfg.model.layer, n_layers)
 

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from dist_sense.config import ConfigError, RunConfig
-from dist_sense.model.teacher import TeacherError, check_max_length, resolve_model_path
+from dist_sense.model.loading import forward_mask, set_bidirectional, teacher_path
+from dist_sense.model.teacher import TeacherError, check_max_length
 
 STUDENT_FORMAT = "dist_sense.student"
 STUDENT_VERSION = 1
@@ -46,7 +47,8 @@ class Student(nn.Module):
         return int(self.info["teacher_d"])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        out = self.backbone(input_ids=input_ids, attention_mask=forward_mask(self.backbone, attention_mask),
+                            return_dict=True)
         return self.head(out.last_hidden_state)
 
 
@@ -67,8 +69,10 @@ def build_student(cfg: RunConfig, teacher_d: int) -> Student:
 def _truncated_teacher(cfg: RunConfig, teacher_d: int) -> Student:
     from transformers import AutoConfig, AutoModel
 
-    path = resolve_model_path(cfg.model.teacher)
+    path = teacher_path(cfg.model)
     hf_config = _load_config(AutoConfig, path, f"model.teacher={cfg.model.teacher}")
+    if cfg.model.bidirectional:
+        set_bidirectional(hf_config)  # saved with the student: it runs as its teacher did
     n_layers, layers = int(getattr(hf_config, "num_hidden_layers", 0)), cfg.distill.layers
     if layers > n_layers:
         raise StudentError(f"distill.layers={layers}: the teacher {path} has only {n_layers} layers")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -21,31 +20,15 @@ from dist_sense import comm
 from dist_sense.config import ConfigError, ModelConfig
 from dist_sense.formats.identity import model_fingerprint
 from dist_sense.formats.manifest import tokenizer_fingerprint
+from dist_sense.model.loading import (  # noqa: F401 (TeacherError, resolve_model_path: re-exported)
+    TeacherError,
+    forward_mask,
+    resolve_model_path,
+    set_bidirectional,
+    teacher_path,
+)
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class TeacherError(RuntimeError):
-    """A teacher that cannot be loaded or used as configured; the message names it."""
-
-
-def resolve_model_path(spec: str) -> Path:
-    """A model directory from a path, or from an installed package that ships one (`pkg:NAME`)."""
-    if not spec:
-        raise ConfigError("model.teacher: empty; give a model directory (with config.json) or pkg:PACKAGE")
-    if spec.startswith("pkg:"):
-        found = importlib.util.find_spec(spec[4:])
-        if found is None or not found.submodule_search_locations:
-            raise TeacherError(f"model.teacher={spec!r}: package {spec[4:]!r} is not installed")
-        root = Path(list(found.submodule_search_locations)[0])
-        configs = sorted(root.rglob("config.json"), key=lambda p: len(p.parts))
-        if not configs:
-            raise TeacherError(f"model.teacher={spec!r}: no config.json inside {root}")
-        return configs[0].parent
-    path = Path(spec)
-    if not (path / "config.json").is_file():
-        raise TeacherError(f"model.teacher={spec!r}: {path / 'config.json'} not found; not a model directory")
-    return path
 
 
 # Model types whose learned positions are numbered from pad_token_id + 1 (RoBERTa's family):
@@ -156,7 +139,7 @@ class Teacher:
         """max_length: corpus.max_length, refused when beyond the model's positions (0: not checked)."""
         from transformers import AutoConfig, AutoModel
 
-        self.path = resolve_model_path(cfg.teacher)
+        self.path = teacher_path(cfg)
         self.tokenizer = load_tokenizer(cfg)
         try:
             hf_config = AutoConfig.from_pretrained(self.path)
@@ -181,6 +164,8 @@ class Teacher:
         except Exception as err:
             raise TeacherError(f"model.teacher={cfg.teacher}: weights do not load: {err}") from None
         model.eval().requires_grad_(False)
+        if cfg.bidirectional:
+            set_bidirectional(model, model)
         if self.partitioned:
             import deepspeed
 
@@ -208,7 +193,8 @@ class Teacher:
 def layer_states(model, input_ids, attention_mask, layer: int, n_layers: int) -> torch.Tensor:
     """[B, L, d] float32 states of `layer` (0..n_layers) of an HF model; the last is its final output."""
     want_all = layer != n_layers
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=want_all, return_dict=True)
+    out = model(input_ids=input_ids, attention_mask=forward_mask(model, attention_mask), output_hidden_states=want_all,
+                return_dict=True)
     return (out.hidden_states[layer] if want_all else out.last_hidden_state).float()
 
 

@@ -46,11 +46,10 @@ PLOT_DOCUMENTS, PLOT_OCCURRENCES = 1000, 150
 
 def teacher_net(cfg: RunConfig, device):
     """(the teacher in fp32, its forward reading cfg.model.layer), as SenseEncoder.load(model="teacher") has it."""
-    from transformers import AutoModel
+    from dist_sense.model.loading import frozen_teacher
+    from dist_sense.model.teacher import layer_states, normalise_layer
 
-    from dist_sense.model.teacher import layer_states, normalise_layer, resolve_model_path
-
-    net = AutoModel.from_pretrained(resolve_model_path(cfg.model.teacher), dtype=torch.float32).to(device).eval()
+    net = frozen_teacher(cfg.model, device)
     n_layers = int(net.config.num_hidden_layers)
     layer = normalise_layer(cfg.model.layer, n_layers)
     return net, lambda ids, mask: layer_states(net, ids, mask, layer, n_layers)

