@@ -2,6 +2,7 @@
 import importlib.util
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -146,3 +147,85 @@ def test_smollm2_gguf_package_converts_once_and_answers():
     with torch.no_grad():
         out = model.generate(**prompt, max_new_tokens=4, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, prompt["input_ids"].shape[1]:])
+
+
+# ----------------------------------------------------------------------------- model.instruction
+
+INSTRUCTION = "bank river money"
+"""Words of the corpus itself: were its tokens ever sampled, labelled or pooled, the counts would show it."""
+
+
+def test_instruction_follows_the_specials_and_is_never_owned():
+    import helpers as testing
+
+    from dist_sense.formats import corpus
+
+    tokenizer = testing.build_tokenizer("llama")
+    texts = list(enumerate(testing.toy_sentences(30, seed=2)))
+    plain = list(corpus.iter_windows(texts, tokenizer, 12))
+    told = list(corpus.iter_windows(texts, tokenizer, 12, instruction=INSTRUCTION))
+    prompt = corpus.instruction_ids(tokenizer, INSTRUCTION)
+    assert len(prompt) == 3
+    for window in told:
+        assert len(window.input_ids) <= 12
+        assert window.input_ids[1:4] == prompt and window.special[:4] == [True] * 4 and not any(window.owned[:4])
+        assert window.doc_pos[:4] == [-1] * 4 and window.spans[1:4] == [(0, 0)] * 3
+    # Every document token is still owned exactly once, in more (shorter) windows.
+    assert len(told) > len(plain)
+    n = len(tokenizer)
+    assert (corpus.count_tokens(told, n) == corpus.count_tokens(plain, n)).all()
+    with pytest.raises(corpus.CorpusError, match="model.instruction='bank river money'.*shorten the instruction"):
+        list(corpus.iter_windows(texts, tokenizer, 4, instruction=INSTRUCTION))  # 1 special + 3: no room
+
+
+def test_extraction_never_samples_the_instruction(tiny_llama, tmp_path):
+    import helpers as testing
+    from test_extract import SCRIPT, extract_args
+
+    from dist_sense.formats import shards
+    from dist_sense.formats.manifest import read_manifest
+
+    corpus_file = testing.write_toy_corpus(tmp_path / "docs.jsonl", n_docs=40, seed=3)
+    found = {}
+    # <s> alone, or <s> and the instruction's 3 tokens, before each window's text.
+    for name, head, extra in (("plain", 1, {}), ("told", 4, {"model.instruction": f'"{INSTRUCTION}"'})):
+        run_dir = tmp_path / name
+        testing.run_command(["python", SCRIPT, *extract_args(run_dir, tiny_llama, corpus_file, **{
+            "extract.cap": 100000, "corpus.max_length": 16, **extra})], timeout=300)
+        manifest = read_manifest(run_dir / "hidden", shards.HIDDEN_FORMAT, shards.HIDDEN_VERSION)
+        found[name] = {}
+        for sample in shards.iter_hidden([run_dir / "hidden" / e["file"] for e in manifest["shards"]], manifest["dtype"]):
+            assert (sample["pos"] >= head).all(), f"{name}: a position of the window's head was sampled"
+            for token, vec, col in zip(sample["tokens"], sample["hidden"], sample["pos"]):
+                found[name][(sample["doc"]["doc"], sample["doc"]["start"] + int(col) - head)] = (int(token), vec)
+    plain, told = found["plain"], found["told"]
+    # The same document tokens kept, each once: the instruction's words added no occurrence of bank, river, money.
+    assert len(plain) > 100 and set(told) == set(plain) and all(told[k][0] == plain[k][0] for k in plain)
+    differ = sum(not np.allclose(told[k][1], plain[k][1], atol=1e-3) for k in plain)
+    assert differ > len(plain) // 2, "the instruction did not reach the teacher's forward"
+
+
+def test_sense_encoder_neither_snaps_nor_pools_the_instruction(tiny_llama):
+    from dist_sense.formats.dictionary import SenseDictionary
+    from dist_sense.model.encoder import SenseEncoder
+    from dist_sense.model.loading import frozen_teacher
+    from dist_sense.model.teacher import load_tokenizer
+
+    cfg = ModelConfig(teacher=str(tiny_llama))
+    tokenizer, net = load_tokenizer(cfg), frozen_teacher(cfg, "cpu")
+    vocab = tokenizer.get_vocab()
+    dictionary = SenseDictionary([vocab["bank"], vocab["river"]], [0, 1, 2], np.ones((2, 32), np.float32))
+    forward = lambda ids, mask: layer_states(net, ids, mask, 2, 2)  # noqa: E731
+    plain = SenseEncoder(net, tokenizer, dictionary, forward, device="cpu")
+    told = SenseEncoder(net, tokenizer, dictionary, forward, device="cpu", instruction=INSTRUCTION)
+    texts, snapped_text = ["the bank of the river", "money to pay"], []
+    for text, a, b in zip(texts, plain.encode(texts), told.encode(texts)):
+        assert list(b.token_ids[:4]) == [vocab["<s>"], vocab["bank"], vocab["river"], vocab["money"]]
+        assert (b.sense_ids[1:4] == -1).all(), "instruction tokens were snapped"
+        assert list(b.token_ids[4:]) == list(a.token_ids[1:])
+        assert b.offsets[4:] == a.offsets[1:]
+        # Pooled over the text's own tokens only (after the instruction), as the plain encoder pools its text.
+        np.testing.assert_allclose(b.sentence_embedding, b.hidden[4:].mean(axis=0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a.sentence_embedding, a.hidden[1:].mean(axis=0), rtol=1e-5, atol=1e-6)
+        snapped_text += [s for s, t in zip(b.sense_ids[4:], b.token_ids[4:]) if t in (vocab["bank"], vocab["river"])]
+    assert len(snapped_text) == 2 and all(s >= 0 for s in snapped_text), "the text's own bank and river are snapped"

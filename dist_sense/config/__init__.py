@@ -51,6 +51,9 @@ class ModelConfig(Section):
     """PEFT adapter folders applied to the teacher in order and merged into its weights (once, cached)."""
     bidirectional: bool = False
     """Run a decoder teacher without its causal mask (LLM2Vec); refused for an encoder."""
+    instruction: str = ""
+    """Text put before every window and encoded text (after the leading specials); its tokens are never sampled,
+    labelled, snapped or pooled (LLM2Vec's instruction, left out of its embed mask)."""
 
     def _check(self) -> None:
         check_choice("model.dtype", self.dtype, DTYPES)

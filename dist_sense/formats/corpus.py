@@ -220,7 +220,7 @@ class Window:
     input_ids: list[int]
     """The window's ids with the tokenizer's special tokens."""
     special: list[bool]
-    """Per id: True for the special tokens the tokenizer added."""
+    """Per id: True for the special tokens the tokenizer added, and for model.instruction's tokens."""
     owned: list[bool]
     """Per id: True where this window is the first to hold that document token (specials never)."""
     doc_pos: list[int]
@@ -250,15 +250,28 @@ def special_layout(tokenizer) -> tuple[list[int], list[int]]:
                       f"({full} around {plain}, {expected} expected)")
 
 
-def iter_windows(texts: Iterable[tuple[int, str]], tokenizer, max_length: int, stride: int = 0) -> Iterator[Window]:
-    """Windows of at most `max_length` ids (specials included) over each (doc, text); none for empty text."""
+def instruction_ids(tokenizer, instruction: str) -> list[int]:
+    """The ids of model.instruction, as they follow the tokenizer's leading specials ([] for none)."""
+    return list(tokenizer(instruction, add_special_tokens=False)["input_ids"]) if instruction else []
+
+
+def iter_windows(texts: Iterable[tuple[int, str]], tokenizer, max_length: int, stride: int = 0,
+                 instruction: str = "") -> Iterator[Window]:
+    """Windows of at most `max_length` ids (specials included) over each (doc, text); none for empty text.
+
+    With an `instruction` (model.instruction), its ids follow the leading specials in every
+    window and are marked special like them: never sampled, labelled or pooled."""
     if not getattr(tokenizer, "is_fast", False):
         raise CorpusError(f"tokenizer {type(tokenizer).__name__} is not a fast tokenizer: windows need its offsets")
     prefix, suffix = special_layout(tokenizer)
+    prompt = instruction_ids(tokenizer, instruction)
+    prefix = prefix + prompt
     body = max_length - len(prefix) - len(suffix)
     if stride < 0 or body <= stride:
+        told = f" and the {len(prompt)} tokens of model.instruction={instruction!r}" if prompt else ""
         raise CorpusError(f"corpus.max_length={max_length} leaves {body} tokens per window after "
-                          f"{len(prefix) + len(suffix)} special tokens, which must exceed corpus.stride={stride}")
+                          f"{len(prefix) + len(suffix) - len(prompt)} special tokens{told}, which must exceed "
+                          f"corpus.stride={stride}: raise corpus.max_length" + (" or shorten the instruction" if prompt else ""))
     documents = iter(texts)
     while chunk := list(itertools.islice(documents, TOKENIZE_BATCH)):
         encoded = tokenizer([text for _, text in chunk], add_special_tokens=False,

@@ -98,8 +98,11 @@ class SenseEncoder:
     """A teacher or distilled student plus the run's sense dictionary."""
 
     def __init__(self, model, tokenizer, dictionary: SenseDictionary, forward, similarity: str = "dot",
-                 device=None, max_length: int = 512):
+                 device=None, max_length: int = 512, instruction: str = ""):
+        """instruction: model.instruction, put before every text (after the leading specials); its tokens are
+        neither snapped nor pooled."""
         self.model, self.tokenizer, self.dictionary, self._forward = model, tokenizer, dictionary, forward
+        self.instruction = instruction
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.table = SnapTable(dictionary, similarity, self.device)
         self.max_length = min(max_length, _positions(model) or max_length)
@@ -141,7 +144,7 @@ class SenseEncoder:
         else:
             raise ValueError(f"model={model!r}: use 'student' or 'teacher'")
         return cls(net, tokenizer, dictionary, forward, similarity or cfg.eval.similarity, device,
-                   max_length=min(int(tokenizer.model_max_length or 512), 512))
+                   max_length=min(int(tokenizer.model_max_length or 512), 512), instruction=cfg.model.instruction)
 
     @torch.no_grad()
     def encode(self, texts: list[str], batch_size: int = 32, return_tensors: str = "np") -> list[EncodedText]:
@@ -163,16 +166,16 @@ class SenseEncoder:
 
     def _encode_batch(self, texts: list[str], return_tensors: str) -> list[EncodedText]:
         # Right padding: row i's first n entries are text i (and decoders keep their positions).
-        enc = self.tokenizer(texts, padding=True, padding_side="right", truncation=True, max_length=self.max_length,
-                             return_offsets_mapping=True, return_special_tokens_mask=True, return_tensors="pt")
+        enc = self._tokenise(texts)
         ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
         states = self._forward(ids, mask).float()
         valid = mask.bool()
-        sense, embedded = self.table.snap(ids[valid], states[valid])
+        snapped = valid & ~enc["instruction_mask"].to(self.device)
+        sense, embedded = self.table.snap(ids[snapped], states[snapped])
         sense_grid = torch.full_like(ids, -1)
-        sense_grid[valid] = sense
-        emb_grid = torch.zeros_like(states)
-        emb_grid[valid] = embedded
+        sense_grid[snapped] = sense
+        emb_grid = states.clone() * valid[..., None]
+        emb_grid[snapped] = embedded
         content = (valid & ~enc["special_tokens_mask"].to(self.device).bool()).float()
         denom = content.sum(1, keepdim=True).clamp_min(1)
         pooled = (states * content[..., None]).sum(1) / denom
@@ -190,6 +193,42 @@ class SenseEncoder:
                 offsets=[tuple(o) for o in enc["offset_mapping"][i, :n].tolist()],
             ))
         return results
+
+    def _tokenise(self, texts: list[str]) -> dict:
+        """The tokenizer's batch (right-padded, cut at max_length, offsets, special marks) with `instruction_mask`;
+        with an instruction, its ids follow the leading specials and count as special (never pooled)."""
+        if not self.instruction:
+            enc = self.tokenizer(texts, padding=True, padding_side="right", truncation=True, max_length=self.max_length,
+                                 return_offsets_mapping=True, return_special_tokens_mask=True, return_tensors="pt")
+            enc["instruction_mask"] = torch.zeros_like(enc["input_ids"], dtype=torch.bool)
+            return enc
+        from dist_sense.formats.corpus import instruction_ids, special_layout
+
+        prefix, suffix = special_layout(self.tokenizer)
+        prompt = instruction_ids(self.tokenizer, self.instruction)
+        room = self.max_length - len(prefix) - len(prompt) - len(suffix)
+        if room < 1:
+            raise ValueError(f"model.instruction={self.instruction!r} ({len(prompt)} tokens) leaves no room for text "
+                             f"within max_length={self.max_length}")
+        plain = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        rows = [(list(prefix) + list(prompt) + ids[:room] + list(suffix), offsets[:room])
+                for ids, offsets in zip(plain["input_ids"], plain["offset_mapping"])]
+        longest = max(len(r) for r, _ in rows)
+        head = len(prefix) + len(prompt)
+        out = {key: torch.zeros((len(rows), longest), dtype=torch.long)
+               for key in ("input_ids", "attention_mask", "special_tokens_mask")}
+        out["input_ids"].fill_(self.tokenizer.pad_token_id)
+        out["offset_mapping"] = torch.zeros((len(rows), longest, 2), dtype=torch.long)
+        out["instruction_mask"] = torch.zeros((len(rows), longest), dtype=torch.bool)
+        for i, (row, offsets) in enumerate(rows):
+            out["input_ids"][i, :len(row)] = torch.tensor(row)
+            out["attention_mask"][i, :len(row)] = 1
+            out["special_tokens_mask"][i, :head] = 1
+            out["special_tokens_mask"][i, len(row) - len(suffix):len(row)] = 1
+            out["instruction_mask"][i, len(prefix):head] = True
+            if offsets:
+                out["offset_mapping"][i, head:head + len(offsets)] = torch.tensor(offsets)
+        return out
 
     def word_tokens(self, word: str) -> list[int]:
         """The token ids of `word` on its own, trying the leading-space form BPE vocabularies use."""

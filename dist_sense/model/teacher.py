@@ -151,6 +151,7 @@ class Teacher:
         self.layer = normalise_layer(cfg.layer, self.n_layers)
         self.d = int(hf_config.hidden_size)
         self.dtype = cfg.dtype
+        self.instruction, self.bidirectional = cfg.instruction, cfg.bidirectional
         ds = zero3_config(ds_config, cfg.dtype, micro_batch, offload, nvme_path)
         env = comm.init_torch()
         self.partitioned = use_zero3(partition, env.world_size, offload)

@@ -48,7 +48,7 @@ def count_corpus(dataset, tokenizer, cfg: RunConfig) -> tuple[np.ndarray, dict]:
     local = np.zeros(vocab_size, dtype=np.int64)
     n_windows = 0
     docs = corpus.documents_for_rank(dataset, env.rank, env.world_size)
-    windows = corpus.iter_windows(docs, tokenizer, cfg.corpus.max_length, cfg.corpus.stride)
+    windows = corpus.iter_windows(docs, tokenizer, cfg.corpus.max_length, cfg.corpus.stride, cfg.model.instruction)
     for chunk in corpus.batched(windows, 256):
         local += corpus.count_tokens(chunk, vocab_size)
         n_windows += len(chunk)

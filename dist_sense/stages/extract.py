@@ -85,6 +85,7 @@ def extract_settings(cfg: RunConfig, teacher: Teacher, corpus_path: str) -> dict
         "cap": cfg.extract.cap, "seed": cfg.extract.seed, "stop_tokens": sorted(cfg.extract.stop_tokens),
         "hidden_dtype": cfg.extract.hidden_dtype, "teacher_fingerprint": teacher.fingerprint,
         "tokenizer_fingerprint": teacher.tokenizer_fingerprint, "layer": teacher.layer, "dtype": teacher.dtype,
+        "instruction": teacher.instruction, "bidirectional": teacher.bidirectional,
     }
 
 

@@ -94,7 +94,8 @@ def label_settings(cfg: RunConfig, teacher: Teacher, corpus_path: str, dictionar
         "stride": c.stride, "max_documents": c.max_documents, "similarity": lab.similarity, "soft_topk": lab.soft_topk,
         "temperature": lab.temperature, "store_hidden": lab.store_hidden, "dictionary_fingerprint": dictionary_fp,
         "teacher_fingerprint": teacher.fingerprint, "tokenizer_fingerprint": teacher.tokenizer_fingerprint,
-        "layer": teacher.layer, "dtype": teacher.dtype,
+        "layer": teacher.layer, "dtype": teacher.dtype, "instruction": teacher.instruction,
+        "bidirectional": teacher.bidirectional,
     }
 
 

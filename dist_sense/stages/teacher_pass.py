@@ -237,7 +237,7 @@ def run_pass(
     writer = RankShardWriter(out_dir, prefix, env.rank, shard_samples, first_index=len(progress.state["shards"]),
                              close_when_full=False)
     docs = corpus.documents_for_rank(dataset, env.rank, env.world_size)
-    windows = corpus.iter_windows(docs, teacher.tokenizer, corpus_cfg.max_length, corpus_cfg.stride)
+    windows = corpus.iter_windows(docs, teacher.tokenizer, corpus_cfg.max_length, corpus_cfg.stride, teacher.instruction)
     batches = corpus.length_sorted_batches(_skip(windows, progress.state["windows_done"]), batch_size)
     pad = teacher.tokenizer.pad_token_id
     tb = summary_writer(tb_dir.parent, tb_dir.name)

@@ -81,7 +81,8 @@ def open_encoders(cfg: RunConfig, tokenizer, dictionary: SenseDictionary, device
     """name -> SenseEncoder (None for a missing optional MSE student, with the reason in notes)."""
     net, forward = teacher_net(cfg, device)
     teacher = SenseEncoder(net, tokenizer, dictionary, forward, cfg.eval.similarity, device,
-                           max_length=min(int(tokenizer.model_max_length or 512), 512))
+                           max_length=min(int(tokenizer.model_max_length or 512), 512),
+                           instruction=cfg.model.instruction)
     wrap = teacher.with_model  # one snapping table for every system
 
     student_dir = cfg.run_path / "student" / "final"
@@ -139,7 +140,7 @@ def held_out_texts(cfg: RunConfig, tokenizer) -> tuple[list[str], str, bool]:
         p and Path(p).resolve() == Path(source).resolve() for p in trained_on)
     documents = load_documents(source, cfg.corpus.text_field, cfg.eval.max_documents)
     # The training windows (no overlap, so no token counts twice), each well inside the encoder's max_length.
-    windows = iter_windows(enumerate(documents["text"]), tokenizer, cfg.corpus.max_length, stride=0)
+    windows = iter_windows(enumerate(documents["text"]), tokenizer, cfg.corpus.max_length, 0, cfg.model.instruction)
     return [w.text for w in windows], source, is_training
 
 
