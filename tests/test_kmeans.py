@@ -459,8 +459,8 @@ def test_small_tokens_left_to_the_writer_give_the_same_senses():
 def test_writers_take_the_largest_held_tiles_first_and_stay_balanced():
     from types import SimpleNamespace
 
-    from dist_sense.stages.build_dict.finish import TileFinisher
     from dist_sense.comm import LocalComm
+    from dist_sense.stages.build_dict.finish import TileFinisher
 
     finisher = TileFinisher(LocalComm(rank=0, world=2), None, None, "", 1, 1 << 30)
     finisher.held = [SimpleNamespace(tile=t, held_bytes=size) for t, size in enumerate([100, 10, 10, 60, 50])]

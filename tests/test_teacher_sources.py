@@ -229,3 +229,16 @@ def test_sense_encoder_neither_snaps_nor_pools_the_instruction(tiny_llama):
         np.testing.assert_allclose(a.sentence_embedding, a.hidden[1:].mean(axis=0), rtol=1e-5, atol=1e-6)
         snapped_text += [s for s, t in zip(b.sense_ids[4:], b.token_ids[4:]) if t in (vocab["bank"], vocab["river"])]
     assert len(snapped_text) == 2 and all(s >= 0 for s in snapped_text), "the text's own bank and river are snapped"
+
+
+def test_evaluation_teacher_keeps_model_dtype(tiny_llama):
+    """Evaluation and SenseEncoder load the teacher in model.dtype, as extraction computes it (no fp32 copy)."""
+    ids, mask = ids_and_mask([[4, 9, 10, 11, 12]])
+    states = {}
+    for dtype in ("fp32", "bf16"):
+        net = frozen_teacher(ModelConfig(teacher=str(tiny_llama), dtype=dtype), "cpu")
+        assert {p.dtype for p in net.parameters()} == {torch.float32 if dtype == "fp32" else torch.bfloat16}
+        with torch.no_grad():
+            states[dtype] = layer_states(net, ids, mask, 2, 2)
+        assert states[dtype].dtype == torch.float32
+    assert 0 < (states["bf16"] - states["fp32"]).abs().max() < 0.1

@@ -51,6 +51,8 @@ class ModelConfig(Section):
     """PEFT adapter folders applied to the teacher in order and merged into its weights (once, cached)."""
     bidirectional: bool = False
     """Run a decoder teacher without its causal mask (LLM2Vec); refused for an encoder."""
+    trust_remote_code: bool = False
+    """Run the Python code a model folder ships (its own architecture); only for folders you trust."""
     instruction: str = ""
     """Text put before every window and encoded text (after the leading specials); its tokens are never sampled,
     labelled, snapped or pooled (LLM2Vec's instruction, left out of its embed mask)."""

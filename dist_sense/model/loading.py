@@ -109,7 +109,7 @@ def teacher_path(model_cfg) -> Path:
         return out
 
     def merge(tmp: Path) -> None:
-        model = merged_model(base, adapters)
+        model = merged_model(base, adapters, model_cfg.trust_remote_code)
         model.save_pretrained(tmp)
         for name in os.listdir(base):  # the tokenizer files travel with the weights
             if "token" in name or name.endswith((".model", ".tiktoken")) or name == "vocab.txt":
@@ -120,14 +120,14 @@ def teacher_path(model_cfg) -> Path:
     return _build_once(out, merge)
 
 
-def merged_model(base: Path, adapters: list[Path]):
+def merged_model(base: Path, adapters: list[Path], trust_remote_code: bool = False):
     """The base model with each PEFT adapter applied in order and merged into its weights (fp32)."""
     from peft import PeftModel
     from transformers import AutoModel, AutoModelForCausalLM
 
     first = json.loads((adapters[0] / "adapter_config.json").read_text())
     auto = AutoModelForCausalLM if first.get("task_type") == "CAUSAL_LM" else AutoModel
-    model = auto.from_pretrained(base, dtype="float32")
+    model = auto.from_pretrained(base, dtype="float32", trust_remote_code=trust_remote_code)
     for adapter in adapters:
         expected = _adapter_tensor_count(adapter)
         try:
@@ -207,13 +207,16 @@ def forward_mask(model, attention_mask):
     return mask.masked_fill(~seen, torch.finfo(dtype).min)
 
 
-def frozen_teacher(model_cfg, device, dtype=None):
-    """The whole teacher on one device for evaluation and SenseEncoder (fp32 unless `dtype`), eval mode, frozen,
-    from teacher_path, bidirectional when model.bidirectional."""
+def frozen_teacher(model_cfg, device):
+    """The whole teacher on one device for evaluation and SenseEncoder, in model.dtype (as extraction and
+    labelling compute it; never an fp32 copy of a bf16 teacher), eval mode, frozen, from teacher_path,
+    bidirectional when model.bidirectional."""
     import torch
     from transformers import AutoModel
 
-    net = AutoModel.from_pretrained(teacher_path(model_cfg), dtype=dtype or torch.float32)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[model_cfg.dtype]
+    net = AutoModel.from_pretrained(teacher_path(model_cfg), dtype=dtype,
+                                    trust_remote_code=model_cfg.trust_remote_code)
     if model_cfg.bidirectional:
         set_bidirectional(net, net)
     return net.to(device).eval().requires_grad_(False)

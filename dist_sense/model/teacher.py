@@ -92,7 +92,7 @@ def load_tokenizer(cfg: ModelConfig):
 
     path = resolve_model_path(cfg.tokenizer or cfg.teacher)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except Exception as err:
         raise TeacherError(f"tokenizer at {path} does not load: {err}") from None
     if tokenizer.pad_token_id is None:
@@ -142,7 +142,7 @@ class Teacher:
         self.path = teacher_path(cfg)
         self.tokenizer = load_tokenizer(cfg)
         try:
-            hf_config = AutoConfig.from_pretrained(self.path)
+            hf_config = AutoConfig.from_pretrained(self.path, trust_remote_code=cfg.trust_remote_code)
         except Exception as err:
             raise TeacherError(f"model.teacher={cfg.teacher}: config does not load: {err}") from None
         # Before the weights: every rank refuses at the same point, with nothing loaded in vain.
@@ -161,7 +161,7 @@ class Teacher:
             # Must exist before from_pretrained (so weights load partitioned) and stay alive after.
             self._hf_ds_config = HfDeepSpeedConfig(ds)
         try:
-            model = AutoModel.from_pretrained(self.path, dtype=TORCH_DTYPES[cfg.dtype])
+            model = AutoModel.from_pretrained(self.path, dtype=TORCH_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
         except Exception as err:
             raise TeacherError(f"model.teacher={cfg.teacher}: weights do not load: {err}") from None
         model.eval().requires_grad_(False)

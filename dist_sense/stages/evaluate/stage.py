@@ -45,7 +45,7 @@ PLOT_DOCUMENTS, PLOT_OCCURRENCES = 1000, 150
 
 
 def teacher_net(cfg: RunConfig, device):
-    """(the teacher in fp32, its forward reading cfg.model.layer), as SenseEncoder.load(model="teacher") has it."""
+    """(the teacher in model.dtype, its forward reading cfg.model.layer), as SenseEncoder.load(model="teacher") has it."""
     from dist_sense.model.loading import frozen_teacher
     from dist_sense.model.teacher import layer_states, normalise_layer
 
