@@ -198,6 +198,13 @@ def test_mcl_and_spherical_run(tmp_path):
     assert index["k_policy"] == "mcl" and index["k"] is None and index["hidden_dtype"] == "bf16"
     multi = [t for t in d.token_ids if d.num_senses[d.token_to_row[t]] > 1]
     assert multi and all(np.allclose(np.linalg.norm(d.senses(t), axis=1), 1, atol=1e-5) for t in multi)
+    # The index has the senses-per-token distribution of what it holds, and the tokens MCL left out.
+    histogram = {int(n): t for n, t in index["senses_per_token"].items()}
+    per_token = np.bincount(d.num_senses[[d.token_to_row[t] for t in d.token_ids]])
+    assert histogram == {n: int(t) for n, t in enumerate(per_token) if t}
+    vectors = [int(d.sense_counts(t).sum()) for t in d.token_ids]
+    few = sum(0 < v < 5 for v in vectors)
+    assert few >= 1 and index["totals"]["tokens_left_out_of_mcl"] == few
 
 
 @pytest.mark.slow

@@ -548,3 +548,75 @@ def test_updating_only_the_changed_senses_gives_every_sense_its_mean(spherical):
     untouched = np.ones((n_tokens, k), dtype=bool)
     untouched[rows, senses] = False
     np.testing.assert_array_equal(points[untouched], before[untouched])
+
+
+# ----------------------------------------------------------------------------- MCL at the reference's scale
+
+
+def test_mcl_counts_equal_the_markov_clustering_package():
+    """Our batched MCL finds as many clusters as the reference's library on the same affinities
+    (1/(euclidean + 0.01), self-loops 1, expansion 2, inflation 1.65, 100 iterations)."""
+    mc = pytest.importorskip("markov_clustering", reason="markov-clustering (a test requirement) is not installed")
+    from scipy.spatial.distance import cdist
+
+    rng = np.random.default_rng(7)
+    tokens = [clustered_token(rng, n, per, spread) for n, per, spread in
+              [(4, 6, 0.5), (9, 3, 2.0), (2, 20, 4.0), (12, 2, 1.0)]] + [rng.normal(0, 1, (25, D))]
+    vectors = np.concatenate(tokens).astype(np.float32)
+    slots = np.repeat(np.arange(len(tokens)), [len(t) for t in tokens])
+    local, _ = make_local_tile(vectors, slots, rng.integers(0, 2**63, len(slots), dtype=np.uint64), len(tokens), np)
+    sub = gather_subsample(local, np.full(len(tokens), 1000), ONE_PROCESS, np)
+    ours = mcl_cluster_counts(sub, 2, 1.65, 100, np)
+    theirs = []
+    for points in tokens:
+        affinity = 1.0 / (cdist(points.astype(np.float32), points.astype(np.float32)) + 0.01)
+        result = mc.run_mcl(affinity, expansion=2, inflation=1.65, iterations=100)
+        theirs.append(len(mc.get_clusters(result)))
+    assert ours.tolist() == theirs
+    assert len(set(theirs)) > 2, "the cases should not all give one count"
+
+
+def big_token_tile(rng, n_clusters, per_cluster):
+    vectors = clustered_token(rng, n_clusters, per_cluster, spread=0.01) * 10
+    small = rng.normal(0, 1, (3, D))  # a token with fewer than 5 vectors: left out of MCL
+    allv = np.concatenate([vectors, small]).astype(np.float32)
+    slots = np.repeat([0, 1], [len(vectors), len(small)])
+    return allv, slots, rng.integers(0, 2**63, len(slots), dtype=np.uint64)
+
+
+@pytest.mark.parametrize("n_clusters, per_cluster, k", [(300, 3, 30), (950, 1, 380)])
+def test_mcl_sees_every_vector_so_k_follows_the_rule_beyond_256_clusters(n_clusters, per_cluster, k):
+    """With kmeans.subsample=256 vectors MCL could find at most 256 clusters; it now clusters every sampled
+    vector (up to kmeans.mcl_vectors), so 300 clusters give k = 30 and 950 give the 0.4 n branch."""
+    vectors, slots, priority = big_token_tile(np.random.default_rng(8), n_clusters, per_cluster)
+    local, _ = make_local_tile(vectors, slots, priority, 2, np)
+    result = cluster_tile(local, config(k_policy="mcl", subsample=256, max_iter=5), xp=np)
+    assert result.mcl_clusters.tolist() == [n_clusters, 0]
+    assert np.diff(result.offsets).tolist() == [k, 3]  # the small token keeps its 3 vectors
+    capped = cluster_tile(local, config(k_policy="mcl", mcl_vectors=256, max_iter=5), xp=np)
+    assert capped.mcl_clusters[0] <= 256
+
+
+def test_mcl_senses_are_the_same_on_one_and_two_ranks():
+    rng = np.random.default_rng(9)
+    tokens = [clustered_token(rng, n, 4, 0.05) for n in (3, 8, 15, 40, 70)]
+    vectors = np.concatenate(tokens).astype(np.float32)
+    slots = np.repeat(np.arange(len(tokens)), [len(t) for t in tokens])
+    priority = rng.integers(0, 2**63, len(slots), dtype=np.uint64)
+    cfg = config(k_policy="mcl")
+    single = cluster_tile(make_local_tile(vectors, slots, priority, len(tokens), np)[0], cfg, xp=np)
+    owner = rng.random(len(slots)) < 0.4
+    ranks = ThreadRanks(2)
+
+    def run_rank(rank):
+        mine = owner if rank == 0 else ~owner
+        local, _ = make_local_tile(vectors[mine], slots[mine], priority[mine], len(tokens), np)
+        return cluster_tile(local, cfg, ranks.comm(rank), np)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(run_rank, [0, 1]))
+    assert single.mcl_clusters.tolist() == [3, 8, 15, 40, 70]
+    for result in results:
+        np.testing.assert_array_equal(result.mcl_clusters, single.mcl_clusters)
+        np.testing.assert_array_equal(result.offsets, single.offsets)
+        np.testing.assert_allclose(result.centroids, single.centroids, atol=1e-4)

@@ -149,14 +149,16 @@ class KMeansConfig(Section):
     """MCL inflation exponent."""
     mcl_expansion: int = 2
     """MCL expansion power."""
-    mcl_iters: int = 30
-    """Most MCL iterations."""
+    mcl_iters: int = 100
+    """Most MCL iterations (the reference's 100)."""
+    mcl_vectors: int = 1000
+    """Vectors per token MCL clusters under k_policy=mcl (the reference clusters every sampled one, up to 1000)."""
     examples_per_sense: int = 3
     """Example contexts stored per sense (the occurrences nearest its centre)."""
 
     def _check(self) -> None:
         check_choice("kmeans.k_policy", self.k_policy, ("fixed", "mcl"))
-        for name in ("k", "max_iter", "tile_tokens", "subsample", "min_count", "mcl_expansion", "mcl_iters"):
+        for name in ("k", "max_iter", "tile_tokens", "subsample", "min_count", "mcl_expansion", "mcl_iters", "mcl_vectors"):
             check_positive(f"kmeans.{name}", getattr(self, name))
         check_nonnegative("kmeans.examples_per_sense", self.examples_per_sense)
         if self.tol < 0:

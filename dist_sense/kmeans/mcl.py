@@ -1,9 +1,15 @@
 """How many senses a token gets under k_policy=mcl: Markov clustering, batched over tokens.
 
-The paper's rule runs MCL (expansion 2, inflation 1.65) on each token's affinities
-1/(euclidean + 0.01) and takes a fraction of the clusters found. Here every token of
-a tile runs at once on a padded stack of affinity matrices (one batched matmul per
-expansion step), not a library call per token.
+The paper's rule runs MCL (expansion 2, inflation 1.65, up to 100 iterations) on each
+token's affinities 1/(euclidean + 0.01) over every sampled vector of the token (up to
+kmeans.mcl_vectors, the reference's 1000) and takes a fraction of the clusters found.
+Here the tokens of a tile run at once, grouped by vector count and padded within a
+group, on stacks of affinity matrices (one batched matmul per expansion step), not a
+library call per token; each rank clusters its share of the tokens (start.share_tokens)
+and the counts are all-gathered. A token stops iterating when its own flow has
+converged, so its count does not depend on which tokens it was batched with, nor on the
+number of ranks. Tokens with fewer than MCL_MIN_VECTORS vectors are left out (and
+counted): they keep their vectors as senses anyway.
 """
 from __future__ import annotations
 
@@ -13,6 +19,8 @@ from dist_sense.runtime.backend import to_device, to_host
 
 CHUNK_ELEMENTS = 1 << 25
 """Floats in one padded stack of affinity matrices (bounds memory)."""
+MCL_MIN_VECTORS = 5
+"""Tokens with fewer vectors are left out of MCL (the reference's minimum; k is at least 5 anyway)."""
 MCL_PRUNE = 1e-3
 """MCL flows below this are cut to zero (each column keeps its largest entry)."""
 
@@ -49,14 +57,16 @@ def _mcl_chunk(points, mask, expansion: int, inflation: float, max_iter: int, xp
     pair = mask[:, :, None] & mask[:, None, :]
     affinity = xp.where(eye, 1.0, 1.0 / (dist + 0.01))
     flow = _normalise_columns(xp.where(pair, affinity, 0).astype(xp.float32), xp)
+    moving = xp.ones(len(points), dtype=bool)
     for _ in range(max_iter):
         previous = flow
         for _ in range(expansion - 1):
             flow = flow @ previous
         flow = _normalise_columns(flow**inflation, xp)
         keep = (flow >= MCL_PRUNE) | (flow == flow.max(axis=1, keepdims=True))
-        flow = flow * keep
-        if bool((xp.abs(flow - previous) <= 1e-8 + 1e-5 * xp.abs(previous)).all()):
+        flow = xp.where(moving[:, None, None], flow * keep, previous)  # a converged token keeps its flow
+        moving &= ~(xp.abs(flow - previous) <= 1e-8 + 1e-5 * xp.abs(previous)).all(axis=(1, 2))
+        if not bool(moving.any()):
             break
     # A cluster is the support of an attractor's row; attractors of one cluster share it.
     # Supports are compared by an exact integer signature (random weights < 2^40, sums < 2^53).
@@ -66,3 +76,18 @@ def _mcl_chunk(points, mask, expansion: int, inflation: float, max_iter: int, xp
     ordered = xp.sort(signature, axis=1)
     distinct = ((ordered[:, 1:] != ordered[:, :-1]) & (ordered[:, 1:] >= 0)).sum(axis=1) + (ordered[:, 0] >= 0)
     return to_host(distinct).astype(np.int64)
+
+
+def mcl_job(sub, cfg, xp):
+    """MCL cluster counts of a group's tokens as a start.share_tokens job (n_tokens, compute); `sub` a GroupSubsample."""
+
+    per_block = max(1, CHUNK_ELEMENTS // (sub.width * sub.width))
+
+    def compute(index):
+        tokens = np.arange(len(sub))[index]
+        # Padded a block at a time: the [t, width, d] points and [t, width, width] flows stay bounded.
+        counts = [mcl_cluster_counts(sub[tokens[s : s + per_block]], cfg.mcl_expansion, cfg.mcl_inflation,
+                                     cfg.mcl_iters, xp) for s in range(0, len(tokens), per_block)]
+        return (np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64),)
+
+    return len(sub), compute

@@ -16,11 +16,11 @@ from dataclasses import replace
 import numpy as np
 
 from dist_sense.kmeans.distinct import DistinctSenses, distinct_senses, senses_of_rows
-from dist_sense.kmeans.groups import rank_in_group
+from dist_sense.kmeans.groups import rank_in_group, size_classes
 from dist_sense.kmeans.lloyd import final_assignment, plan_chunks, run_lloyd
-from dist_sense.kmeans.mcl import mcl_cluster_counts, senses_from_mcl
-from dist_sense.kmeans.start import start_centres
-from dist_sense.kmeans.subsample import SubsampleRows, gather_rows, gather_subsample
+from dist_sense.kmeans.mcl import MCL_MIN_VECTORS, mcl_job, senses_from_mcl
+from dist_sense.kmeans.start import share_tokens, start_centres
+from dist_sense.kmeans.subsample import GroupSubsample, SubsampleRows, gather_rows
 from dist_sense.kmeans.types import ONE_PROCESS, Centres, Comm, LocalTile, TileResult, TileRun
 from dist_sense.runtime.backend import to_device, to_host
 
@@ -137,11 +137,25 @@ def _choose_k(run: TileRun, per_token: np.ndarray, k):
     if k is None and cfg.k_policy == "fixed":
         k = cfg.k
     if k is None:
-        sub = gather_subsample(run.local, np.minimum(per_token, max(cfg.subsample, 5)), run.comm, run.xp)
-        clusters = mcl_cluster_counts(sub, cfg.mcl_expansion, cfg.mcl_inflation, cfg.mcl_iters, run.xp)
+        clusters = _mcl_clusters(run, per_token)
         k = senses_from_mcl(clusters)
     k = np.where(per_token > 0, np.broadcast_to(np.asarray(k, dtype=np.int64), (len(per_token),)), 0)
     return k, clusters
+
+
+def _mcl_clusters(run: TileRun, per_token: np.ndarray) -> np.ndarray:
+    """MCL clusters of every token with at least MCL_MIN_VECTORS vectors over up to cfg.mcl_vectors of them
+    (gathered once, lowest priorities first), each rank clustering its share; 0 for the tokens left out."""
+    cfg, xp = run.cfg, run.xp
+    limit = np.where(per_token >= MCL_MIN_VECTORS, np.minimum(per_token, cfg.mcl_vectors), 0)
+    rows = gather_rows(run.local, limit, run.comm, xp)
+    present = np.flatnonzero(limit > 0)
+    groups = [present[members] for members in size_classes(limit[present])]
+    jobs = [mcl_job(GroupSubsample(rows, slots, int(limit[slots].max()), xp), cfg, xp) for slots in groups]
+    clusters = np.zeros(len(per_token), dtype=np.int64)
+    for slots, (counts,) in zip(groups, share_tokens(jobs, run.comm, np)):
+        clusters[slots] = counts
+    return clusters
 
 
 def _cluster_tokens(run: TileRun, rows: SubsampleRows, k: np.ndarray, per_token: np.ndarray):

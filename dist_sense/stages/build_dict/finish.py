@@ -21,6 +21,7 @@ import numpy as np
 
 from dist_sense import kmeans
 from dist_sense.formats.dictionary import SenseDictionary, shard_entry
+from dist_sense.kmeans.mcl import MCL_MIN_VECTORS
 from dist_sense.runtime import backend
 from dist_sense.stages.build_dict.plan import tile_signature
 
@@ -191,6 +192,12 @@ def examples_by_token(winners: np.ndarray, sources: list, tokens: np.ndarray, se
     return examples
 
 
+def senses_histogram(senses_per_token: np.ndarray) -> dict:
+    """{str(senses): tokens with that many}, for the index's senses-per-token distribution."""
+    values, times = np.unique(np.asarray(senses_per_token, dtype=np.int64), return_counts=True)
+    return {str(v): int(t) for v, t in zip(values.tolist(), times.tolist())}
+
+
 def write_tile(out_dir: Path, tile: int, tokens: np.ndarray, result: kmeans.TileResult, examples: dict,
                settings: str) -> Path:
     per_token = result.vectors_per_token
@@ -198,7 +205,10 @@ def write_tile(out_dir: Path, tile: int, tokens: np.ndarray, result: kmeans.Tile
         "tile": tile, "settings": settings, "tile_range": tile_signature(tokens), "inertia": result.inertia,
         "iterations": len(result.history), "vectors": int(per_token.sum()),
         "kept_as_vectors": int(result.kept_as_vectors.sum()), "without_vectors": int((per_token == 0).sum()),
+        "senses_histogram": senses_histogram(np.diff(result.offsets)),
     }
+    if result.mcl_clusters is not None:
+        info["left_out_of_mcl"] = int(((per_token > 0) & (per_token < MCL_MIN_VECTORS)).sum())
     tile_senses = SenseDictionary(tokens[result.slots], result.offsets, result.centroids, result.sense_counts,
                                   examples=examples)
     return tile_senses.save_shard(out_dir, tile, info)

@@ -167,8 +167,19 @@ def index_body(hidden: dict, hidden_dir: Path, kcfg, plan: TilePlan, entries: li
             "tokens_kept_as_vectors": total("kept_as_vectors"), "tokens_without_vectors": total("without_vectors"),
             "tokens_below_min_count": plan.below_min_count["tokens"],
             "vectors_below_min_count": plan.below_min_count["vectors"],
+            "tokens_left_out_of_mcl": total("left_out_of_mcl"),
         },
+        "senses_per_token": merged_histogram(entries),
     }
+
+
+def merged_histogram(entries: list[dict]) -> dict:
+    """The tiles' senses_histogram summed: {str(senses): tokens}, ascending by senses."""
+    merged: dict[int, int] = {}
+    for entry in entries:
+        for senses, tokens in entry.get("senses_histogram", {}).items():
+            merged[int(senses)] = merged.get(int(senses), 0) + int(tokens)
+    return {str(k): merged[k] for k in sorted(merged)}
 
 
 # ----------------------------------------------------------------------------- metrics
