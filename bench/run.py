@@ -13,7 +13,7 @@ import time
 
 from bench import common
 
-BENCHMARKS = ["extract_vs_hf_forward", "kmeans_vs_sklearn", "kmeans_vs_faiss", "kmeans_scale", "kmeans_mpi", "loss_share_of_step", "student_vs_teacher",
+BENCHMARKS = ["extract_vs_hf_forward", "kmeans_vs_sklearn", "kmeans_vs_faiss", "kmeans_scale", "kmeans_mpi", "mcl_vs_reference", "loss_share_of_step", "student_vs_teacher",
               "checksum_cost"]
 
 

@@ -269,6 +269,19 @@ class ThreadComm:
         return np.concatenate(self.ranks.exchange(self.rank, array))
 
 
+def on_two_ranks(owner, vectors, slots, priority, n_tokens, step):
+    """step(local tile, comm) on two thread-ranks, rank 0 holding the rows where `owner` is set; both results."""
+    ranks = ThreadRanks(2)
+
+    def run_rank(rank):
+        mine = owner if rank == 0 else ~owner
+        local, _ = make_local_tile(vectors[mine], slots[mine], priority[mine], n_tokens, np)
+        return step(local, ranks.comm(rank))
+
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(run_rank, [0, 1]))
+
+
 def test_two_ranks_equal_one(mixture):
     """Rows split unevenly over two thread-ranks give the single-process senses."""
     tokens, vectors, slots, priority, ks = mixture
@@ -277,15 +290,8 @@ def test_two_ranks_equal_one(mixture):
     single = cluster_tile(single_local, cfg, xp=np, seed=3)
     single_centres, single_valid, single_counts = single.dense()
     owner = np.random.default_rng(5).random(len(slots)) < 0.3
-    ranks = ThreadRanks(2)
-
-    def run_rank(rank):
-        mine = owner if rank == 0 else ~owner
-        local, _ = make_local_tile(vectors[mine], slots[mine], priority[mine], len(tokens), np)
-        return cluster_tile(local, cfg, ranks.comm(rank), np, seed=3)
-
-    with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(run_rank, [0, 1]))
+    results = on_two_ranks(owner, vectors, slots, priority, len(tokens),
+                           lambda local, comm: cluster_tile(local, cfg, comm, np, seed=3))
     for result in results:
         centres, valid, counts = result.dense()
         np.testing.assert_array_equal(valid, single_valid)
@@ -302,17 +308,10 @@ def test_subsample_does_not_depend_on_the_split(mixture):
     expected = gather_subsample(whole, cap, ONE_PROCESS, np)
     assert (expected.counts == 40).all()
     owner = np.arange(len(slots)) % 3 == 0
-    ranks = ThreadRanks(2)
-
-    def run_rank(rank):
-        mine = owner if rank == 0 else ~owner
-        local, _ = make_local_tile(vectors[mine], slots[mine], priority[mine], len(tokens), np)
-        return gather_subsample(local, cap, ranks.comm(rank), np)
-
-    with ThreadPoolExecutor(2) as pool:
-        for sub in pool.map(run_rank, [0, 1]):
-            np.testing.assert_array_equal(sub.points, expected.points)
-            np.testing.assert_array_equal(sub.mask, expected.mask)
+    for sub in on_two_ranks(owner, vectors, slots, priority, len(tokens),
+                            lambda local, comm: gather_subsample(local, cap, comm, np)):
+        np.testing.assert_array_equal(sub.points, expected.points)
+        np.testing.assert_array_equal(sub.mask, expected.mask)
 
 
 def test_empty_sense_is_reseeded_to_the_farthest_point():
@@ -606,15 +605,8 @@ def test_mcl_senses_are_the_same_on_one_and_two_ranks():
     cfg = config(k_policy="mcl")
     single = cluster_tile(make_local_tile(vectors, slots, priority, len(tokens), np)[0], cfg, xp=np)
     owner = rng.random(len(slots)) < 0.4
-    ranks = ThreadRanks(2)
-
-    def run_rank(rank):
-        mine = owner if rank == 0 else ~owner
-        local, _ = make_local_tile(vectors[mine], slots[mine], priority[mine], len(tokens), np)
-        return cluster_tile(local, cfg, ranks.comm(rank), np)
-
-    with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(run_rank, [0, 1]))
+    results = on_two_ranks(owner, vectors, slots, priority, len(tokens),
+                           lambda local, comm: cluster_tile(local, cfg, comm, np))
     assert single.mcl_clusters.tolist() == [3, 8, 15, 40, 70]
     for result in results:
         np.testing.assert_array_equal(result.mcl_clusters, single.mcl_clusters)

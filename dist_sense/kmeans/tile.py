@@ -137,13 +137,13 @@ def _choose_k(run: TileRun, per_token: np.ndarray, k):
     if k is None and cfg.k_policy == "fixed":
         k = cfg.k
     if k is None:
-        clusters = _mcl_clusters(run, per_token)
+        clusters = mcl_clusters(run, per_token)
         k = senses_from_mcl(clusters)
     k = np.where(per_token > 0, np.broadcast_to(np.asarray(k, dtype=np.int64), (len(per_token),)), 0)
     return k, clusters
 
 
-def _mcl_clusters(run: TileRun, per_token: np.ndarray) -> np.ndarray:
+def mcl_clusters(run: TileRun, per_token: np.ndarray) -> np.ndarray:
     """MCL clusters of every token with at least MCL_MIN_VECTORS vectors over up to cfg.mcl_vectors of them
     (gathered once, lowest priorities first), each rank clustering its share; 0 for the tokens left out."""
     cfg, xp = run.cfg, run.xp
