@@ -42,7 +42,7 @@ def test_one_adapter_merged_gives_peft_own_states(tiny_llama, tmp_path):
     cfg = ModelConfig(teacher=str(tiny_llama), adapters=[str(adapter)])
     merged = teacher_path(cfg)
     assert merged != tiny_llama and (merged / COMPLETE).is_file()
-    assert not [p for p in merged.parent.iterdir() if p.name.startswith(".")], "a temporary folder was left"
+    assert not [p for p in merged.parent.iterdir() if ".tmp-" in p.name], "a temporary folder was left"
     ids, mask = ids_and_mask([[4, 9, 10, 11, 12], [4, 13, 14, 0, 0]])
     ours = frozen_teacher(cfg, "cpu")
     reference = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_llama, dtype=torch.float32), adapter).eval()
@@ -87,7 +87,7 @@ def test_adapter_of_another_base_model_is_refused_by_name(tiny_llama, tmp_path):
     adapter = save_lora(wider, tmp_path / "lora64", seed=1)
     with pytest.raises(TeacherError, match="lora64.*another base model"):
         teacher_path(ModelConfig(teacher=str(tiny_llama), adapters=[str(adapter)]))
-    assert not list((tmp_path / "cache" / "merged").iterdir()), "a failed merge left a folder behind"
+    assert not [p for p in (tmp_path / "cache" / "merged").iterdir() if p.is_dir()], "a failed merge left a folder"
     with pytest.raises(TeacherError, match="adapter_config.json not found"):
         teacher_path(ModelConfig(teacher=str(tiny_llama), adapters=[str(tmp_path)]))
     with pytest.raises(ConfigError, match=r"model.adapters\[0\]"):
@@ -127,7 +127,7 @@ def test_a_file_that_is_not_gguf_is_refused_by_name(tmp_path):
     bad.write_bytes(os.urandom(4096))
     with pytest.raises(TeacherError, match="cannot dequantise.*broken.gguf"):
         resolve_model_path(str(bad))
-    assert not [p for p in (tmp_path / "cache" / "gguf").iterdir()], "a failed conversion left a folder behind"
+    assert not [p for p in (tmp_path / "cache" / "gguf").iterdir() if p.is_dir()], "a failed conversion left a folder"
     with pytest.raises(TeacherError, match="GGUF file .* not found"):
         resolve_model_path(str(tmp_path / "missing.gguf"))
 
@@ -242,3 +242,21 @@ def test_evaluation_teacher_keeps_model_dtype(tiny_llama):
             states[dtype] = layer_states(net, ids, mask, 2, 2)
         assert states[dtype].dtype == torch.float32
     assert 0 < (states["bf16"] - states["fp32"]).abs().max() < 0.1
+
+
+def test_ranks_asking_at_once_build_the_folder_once(tmp_path):
+    """Ranks resolving the same GGUF or adapters together wait while one builds; every one gets the folder."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dist_sense.model.loading import _build_once
+
+    builds, out = [], tmp_path / "cache" / "gguf" / "model-0123"
+
+    def build(tmp):
+        builds.append(threading.get_ident())
+        (tmp / "config.json").write_text("{}")
+
+    with ThreadPoolExecutor(4) as pool:
+        folders = list(pool.map(lambda _: _build_once(out, build), range(4)))
+    assert folders == [out] * 4 and len(builds) == 1 and (out / COMPLETE).is_file()

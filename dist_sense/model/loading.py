@@ -9,8 +9,8 @@ named by the base's and the adapters' content. Every stage then loads the same p
 folder (teacher_path): extraction, labelling, the truncated student, evaluation.
 
 A cache folder appears only whole: it is written under a temporary name and renamed,
-so a crash leaves nothing that looks complete, and ranks converting at once each get a
-complete folder (the first rename wins; the others drop theirs).
+so a crash leaves nothing that looks complete; ranks that start at once wait on a lock
+file while one of them builds it.
 """
 from __future__ import annotations
 
@@ -160,21 +160,26 @@ def _adapter_tensor_count(adapter: Path) -> int:
 
 
 def _build_once(out: Path, build) -> Path:
-    """Run build(tmp) into a temporary folder beside `out`, mark it complete and rename it to `out`."""
+    """Run build(tmp) into a temporary folder beside `out`, mark it complete and rename it to `out`.
+
+    Ranks that ask at once wait on a lock file while one of them builds (a 134M-parameter GGUF
+    takes tens of seconds), then find the folder complete."""
+    import fcntl
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        build(tmp)
-        (tmp / COMPLETE).write_text("")
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if not (out / COMPLETE).is_file():  # not another rank's finished copy: a real failure
-                raise
-    finally:
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / COMPLETE).is_file():
+            return out  # built by another rank while this one waited
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            build(tmp)
+            (tmp / COMPLETE).write_text("")
+            os.rename(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
