@@ -17,15 +17,24 @@ FRACTIONS = ["fidelity.coverage", "agreement.top1", "agreement.top5"]
 POSITIVE = ["size.teacher_params", "size.student_params", "size.dictionary_bytes",
             "speed.teacher_tokens_per_s", "speed.student_tokens_per_s"]
 SNAPPING = [f"snapping.{task}.{sim}" for task in ("topic", "wic") for sim in ("dot", "cos", "l2")]
-KEYS = {"fidelity.mean_cos", *FRACTIONS, *SCORES, *POSITIVE, *SNAPPING, "eval.held_out_source",
+MTEB = [f"mteb.topics.{system}" for system in SYSTEMS]
+KEYS = {"fidelity.mean_cos", *FRACTIONS, *SCORES, *POSITIVE, *SNAPPING, *MTEB, "eval.held_out_source",
         "eval.held_out_is_training_corpus", "eval.similarity"}
 
 
 @pytest.fixture(scope="module")
 def evaluated(distilled_run):  # noqa: F811
     """The launcher run on the shared run (its config.json already names the probes)."""
+    from run_fixture import write_topic_probe
+
     run_dir = distilled_run["run_dir"]
-    testing.run_command(["python", "launcher/evaluate.py", f"run_dir={run_dir}"], timeout=300)
+    # An MTEB task on local files: topic sentences, fixed train and test splits.
+    task = run_dir.parent / "mteb" / "topics"
+    task.mkdir(parents=True, exist_ok=True)
+    write_topic_probe(task / "train.jsonl", n=60, seed=21)
+    write_topic_probe(task / "test.jsonl", n=40, seed=22)
+    testing.run_command(["python", "launcher/evaluate.py", f"run_dir={run_dir}", f'eval.mteb_tasks=["{task}"]'],
+                        timeout=300)
     return run_dir, json.loads((run_dir / "eval" / "metrics.json").read_text())
 
 
@@ -54,6 +63,12 @@ def test_metrics_has_every_key_in_range(evaluated, distilled_run):  # noqa: F811
     assert metrics["size.student_params"] < metrics["size.teacher_params"]
     # Topics are easy to tell apart from word identity alone: every system beats chance (0.2) clearly.
     assert all(metrics[f"downstream.topic.{s}"] > 0.4 for s in SYSTEMS)
+    # mteb's own classification (8 examples per label, 10 draws) on the local task, each system scored.
+    assert all(0.3 < metrics[key] <= 1 for key in MTEB), {key: metrics[key] for key in MTEB}
+    run_dir = distilled_run["run_dir"]
+    for system in SYSTEMS:
+        result = json.loads((run_dir / "eval" / "mteb" / "topics" / f"{system}.json").read_text())
+        assert result["scores"]["test"][0]["accuracy"] == pytest.approx(metrics[f"mteb.topics.{system}"])
     assert metrics["eval.held_out_is_training_corpus"] is True
     assert metrics["eval.held_out_source"] == str(distilled_run["docs"])
 
@@ -85,7 +100,7 @@ def test_without_mse_student_that_system_is_null(distilled_run, tmp_path):  # no
                          [f"run_dir={run_dir}", f"eval.corpus_path={held_out}", "eval.max_documents=12"])
     evaluate.run(cfg)
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
-    assert set(metrics) == KEYS
+    assert set(metrics) == KEYS - set(MTEB)  # no eval.mteb_tasks here: no mteb scores
     assert metrics["downstream.topic.student_mse"] is None and metrics["downstream.wic.student_mse"] is None
     assert metrics["downstream.topic.student_senses"] is not None
     assert metrics["eval.held_out_is_training_corpus"] is False

@@ -287,6 +287,9 @@ class EvalConfig(Section):
     rule the student was trained for (evaluation warns otherwise)."""
     probe_tasks: list = field(default_factory=list)
     """Sentence classification probes as name=path.jsonl (one {"text", "label"} per line)."""
+    mteb_tasks: list = field(default_factory=list)
+    """MTEB classification tasks run by the mteb package on local data: folders with train.jsonl and test.jsonl
+    (one {"text", "label"} per line); results in RUN/eval/mteb/ and metrics.json as mteb.<task>.<system>."""
     wic_path: str = ""
     """Word-in-context pairs, jsonl of {"text1", "start1", "end1", "text2", "start2", "end2", "same"}."""
     max_probe_examples: int = 2000

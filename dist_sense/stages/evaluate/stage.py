@@ -250,6 +250,7 @@ def run(cfg: RunConfig, restart: bool = False) -> Path:
 
 def _evaluate(cfg: RunConfig, out_dir: Path) -> Path:
     from dist_sense.model.teacher import load_tokenizer
+    from dist_sense.stages.evaluate.mteb_tasks import mteb_metrics
     from dist_sense.stages.evaluate.report import write_report
     from dist_sense.stages.evaluate.task_head import task_head_metrics
 
@@ -275,6 +276,7 @@ def _evaluate(cfg: RunConfig, out_dir: Path) -> Path:
                     "eval.similarity": cfg.eval.similarity})
     metrics.update(task_head_metrics(cfg, encoders, notes))  # the GLUE setting's judge, when a task is set
     metrics.update(sentence_probes(cfg, encoders, notes))
+    metrics.update(mteb_metrics(cfg, encoders, notes, out_dir))  # the LLM setting's judge, when tasks are set
     if cfg.eval.wic_path:
         metrics.update(wic_probe(cfg, encoders, notes))
     else:
