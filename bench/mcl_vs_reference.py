@@ -24,7 +24,7 @@ TOKENS, MIN_VECTORS, ROUNDS = 24, 40, 2
 
 def ours(per_token: list[np.ndarray]) -> tuple[float, np.ndarray]:
     from dist_sense.config import KMeansConfig
-    from dist_sense.kmeans.tile import mcl_clusters, make_local_tile
+    from dist_sense.kmeans.tile import make_local_tile, mcl_clusters
     from dist_sense.kmeans.types import ONE_PROCESS, TileRun
 
     vectors = np.concatenate(per_token)
