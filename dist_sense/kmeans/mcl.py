@@ -21,6 +21,8 @@ CHUNK_ELEMENTS = 1 << 25
 """Floats in one padded stack of affinity matrices (bounds memory)."""
 MCL_MIN_VECTORS = 5
 """Tokens with fewer vectors are left out of MCL (the reference's minimum; k is at least 5 anyway)."""
+MCL_PAD_RATIO = 2 ** 0.125
+"""MCL groups tokens whose vector counts differ by under this factor: its cost is cubic in the padded width."""
 MCL_PRUNE = 1e-3
 """MCL flows below this are cut to zero (each column keeps its largest entry)."""
 
@@ -56,18 +58,21 @@ def _mcl_chunk(points, mask, expansion: int, inflation: float, max_iter: int, xp
     eye = xp.eye(width, dtype=bool)
     pair = mask[:, :, None] & mask[:, None, :]
     affinity = xp.where(eye, 1.0, 1.0 / (dist + 0.01))
-    flow = _normalise_columns(xp.where(pair, affinity, 0).astype(xp.float32), xp)
-    moving = xp.ones(len(points), dtype=bool)
+    final = _normalise_columns(xp.where(pair, affinity, 0).astype(xp.float32), xp)
+    # Only the tokens still moving are iterated: a converged token leaves the batch with its flow.
+    moving, flow = xp.arange(len(points)), final
     for _ in range(max_iter):
         previous = flow
         for _ in range(expansion - 1):
             flow = flow @ previous
         flow = _normalise_columns(flow**inflation, xp)
-        keep = (flow >= MCL_PRUNE) | (flow == flow.max(axis=1, keepdims=True))
-        flow = xp.where(moving[:, None, None], flow * keep, previous)  # a converged token keeps its flow
-        moving &= ~(xp.abs(flow - previous) <= 1e-8 + 1e-5 * xp.abs(previous)).all(axis=(1, 2))
-        if not bool(moving.any()):
+        flow *= (flow >= MCL_PRUNE) | (flow == flow.max(axis=1, keepdims=True))
+        still = ~(xp.abs(flow - previous) <= 1e-8 + 1e-5 * xp.abs(previous)).all(axis=(1, 2))
+        final[moving] = flow  # after the test: `previous` may be a view of `final`
+        if not bool(still.any()):
             break
+        moving, flow = moving[still], flow[still]
+    flow = final
     # A cluster is the support of an attractor's row; attractors of one cluster share it.
     # Supports are compared by an exact integer signature (random weights < 2^40, sums < 2^53).
     attractor = (xp.diagonal(flow, axis1=1, axis2=2) > 0) & mask

@@ -18,7 +18,7 @@ import numpy as np
 from dist_sense.kmeans.distinct import DistinctSenses, distinct_senses, senses_of_rows
 from dist_sense.kmeans.groups import rank_in_group, size_classes
 from dist_sense.kmeans.lloyd import final_assignment, plan_chunks, run_lloyd
-from dist_sense.kmeans.mcl import MCL_MIN_VECTORS, mcl_job, senses_from_mcl
+from dist_sense.kmeans.mcl import MCL_MIN_VECTORS, MCL_PAD_RATIO, mcl_job, senses_from_mcl
 from dist_sense.kmeans.start import share_tokens, start_centres
 from dist_sense.kmeans.subsample import GroupSubsample, SubsampleRows, gather_rows
 from dist_sense.kmeans.types import ONE_PROCESS, Centres, Comm, LocalTile, TileResult, TileRun
@@ -150,7 +150,7 @@ def mcl_clusters(run: TileRun, per_token: np.ndarray) -> np.ndarray:
     limit = np.where(per_token >= MCL_MIN_VECTORS, np.minimum(per_token, cfg.mcl_vectors), 0)
     rows = gather_rows(run.local, limit, run.comm, xp)
     present = np.flatnonzero(limit > 0)
-    groups = [present[members] for members in size_classes(limit[present])]
+    groups = [present[members] for members in size_classes(limit[present], MCL_PAD_RATIO)]
     jobs = [mcl_job(GroupSubsample(rows, slots, int(limit[slots].max()), xp), cfg, xp) for slots in groups]
     clusters = np.zeros(len(per_token), dtype=np.int64)
     for slots, (counts,) in zip(groups, share_tokens(jobs, run.comm, np)):
