@@ -132,11 +132,8 @@ def local_changes(local: LocalTile, chunks: list[Chunk], centres, valid, row_lab
     n_pos, k_max, d = centres.shape
     centre_sq = xp.einsum("tkd,tkd->tk", centres, centres)  # no [T, K, d] temporary
     inertia = xp.zeros(n_pos, dtype=xp.float64)
-
-    def one(chunk):
-        return _chunk_changes(local, chunk, centres, centre_sq, valid, row_labels, inertia, xp)
-
-    found = [part for part in map(one, chunks) if part is not None]
+    parts = (_chunk_changes(local, chunk, centres, centre_sq, valid, row_labels, inertia, xp) for chunk in chunks)
+    found = [part for part in parts if part is not None]
     keys, sums, joined, left = ([part[i] for part in found] for i in range(4))
     # One count of the senses rows joined and left, for all chunks: not a [P * K] count per chunk.
     counts = xp.zeros(n_pos * k_max, dtype=xp.float64)

@@ -42,7 +42,8 @@ def update_changed_centres(points, valid, sums, counts, rows, senses, spherical:
     return xp.einsum("ud,ud->u", old, old, dtype=xp.float64)
 
 
-def update_active(run: TileRun, groups: list, centres: Centres, sums, counts, planned, active, union) -> np.ndarray:
+def update_active(run: TileRun, groups: list, centres: Centres, sums, counts, planned, active,
+                  union) -> tuple[np.ndarray, int]:
     """New centres for the `active` centre rows after an iteration (senses in `union` changed: keys position in
     `planned` * K + sense), empty senses re-seeded; each active row's squared move, float64 [A] on the host."""
     xp, points, valid = run.xp, centres.points, centres.valid

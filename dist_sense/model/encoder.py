@@ -202,10 +202,7 @@ class SenseEncoder:
                                  return_offsets_mapping=True, return_special_tokens_mask=True, return_tensors="pt")
             enc["instruction_mask"] = torch.zeros_like(enc["input_ids"], dtype=torch.bool)
             return enc
-        from dist_sense.formats.corpus import instruction_ids, special_layout
-
-        prefix, suffix = special_layout(self.tokenizer)
-        prompt = instruction_ids(self.tokenizer, self.instruction)
+        prefix, prompt, suffix = self._instruction_layout()
         room = self.max_length - len(prefix) - len(prompt) - len(suffix)
         if room < 1:
             raise ValueError(f"model.instruction={self.instruction!r} ({len(prompt)} tokens) leaves no room for text "
@@ -229,6 +226,15 @@ class SenseEncoder:
             if offsets:
                 out["offset_mapping"][i, head:head + len(offsets)] = torch.tensor(offsets)
         return out
+
+    def _instruction_layout(self) -> tuple[list[int], list[int], list[int]]:
+        """(leading specials, the instruction's ids, trailing specials), worked out once per encoder."""
+        if getattr(self, "_layout", None) is None:
+            from dist_sense.formats.corpus import instruction_ids, special_layout
+
+            prefix, suffix = special_layout(self.tokenizer)
+            self._layout = (prefix, instruction_ids(self.tokenizer, self.instruction), suffix)
+        return self._layout
 
     def word_tokens(self, word: str) -> list[int]:
         """The token ids of `word` on its own, trying the leading-space form BPE vocabularies use."""

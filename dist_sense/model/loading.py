@@ -21,9 +21,13 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+
 from dist_sense.config import ConfigError
 from dist_sense.formats.identity import file_digest, model_fingerprint
 
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""model.dtype -> the torch dtype the teacher is loaded and computes in."""
 CACHE_ENV = "DIST_SENSE_CACHE"
 COMPLETE = ".complete"
 """Written last into a cache folder, before its rename."""
@@ -70,7 +74,8 @@ def _package_source(spec: str) -> Path:
 
 def gguf_folder(gguf: Path, spec: str) -> Path:
     """The dequantised fp32 HF folder of a GGUF file (model and tokenizer), converted on first use."""
-    out = cache_root() / "gguf" / f"{gguf.stem}-{file_digest(gguf)[:16]}"
+    digest = file_digest(gguf)
+    out = cache_root() / "gguf" / f"{gguf.stem}-{digest[:16]}"
     if (out / COMPLETE).is_file():
         return out
 
@@ -89,7 +94,7 @@ def gguf_folder(gguf: Path, spec: str) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": file_digest(gguf)}, indent=1))
+        (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": digest}, indent=1))
 
     return _build_once(out, convert)
 
@@ -153,8 +158,6 @@ def _adapter_tensor_count(adapter: Path) -> int:
 
         with safe_open(weights, "pt") as f:
             return sum(1 for key in f.keys() if "lora_" in key)
-    import torch
-
     state = torch.load(adapter / "adapter_model.bin", map_location="cpu", weights_only=True)
     return sum(1 for key in state if "lora_" in key)
 
@@ -187,21 +190,23 @@ BIDIRECTIONAL = "dist_sense_bidirectional"
 """Set on a model's config (and saved with a student's) when its decoder runs without the causal mask."""
 
 
-def set_bidirectional(model_or_config, model=None) -> None:
-    """Mark a decoder (its config) to run bidirectionally; `model`, when given, must have causal attention."""
-    if model is not None and not any(getattr(m, "is_causal", False) is True for m in model.modules()):
+def mark_bidirectional(config) -> None:
+    """Mark a model config (a teacher's, or a student's about to be saved) to run without the causal mask."""
+    setattr(config, BIDIRECTIONAL, True)
+
+
+def make_bidirectional(model) -> None:
+    """Mark a loaded decoder to run bidirectionally; ConfigError for a model with no causal attention."""
+    if not any(getattr(m, "is_causal", False) is True for m in model.modules()):
         kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise ConfigError(f"model.bidirectional=true, but the teacher ({kind}) has no causal attention: it is an "
                           "encoder and already attends both ways; leave model.bidirectional false")
-    config = getattr(model_or_config, "config", model_or_config)
-    setattr(config, BIDIRECTIONAL, True)
+    mark_bidirectional(model.config)
 
 
 def forward_mask(model, attention_mask):
     """The attention mask to pass `model`: as given, or for a bidirectional decoder a [B, 1, L, L] additive mask
     in which every position sees every non-padding position of its row (transformers takes a 4D mask as is)."""
-    import torch
-
     if attention_mask is None or not getattr(getattr(model, "config", None), BIDIRECTIONAL, False):
         return attention_mask
     dtype = next(model.parameters()).dtype
@@ -216,12 +221,10 @@ def frozen_teacher(model_cfg, device):
     """The whole teacher on one device for evaluation and SenseEncoder, in model.dtype (as extraction and
     labelling compute it; never an fp32 copy of a bf16 teacher), eval mode, frozen, from teacher_path,
     bidirectional when model.bidirectional."""
-    import torch
     from transformers import AutoModel
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[model_cfg.dtype]
-    net = AutoModel.from_pretrained(teacher_path(model_cfg), dtype=dtype,
+    net = AutoModel.from_pretrained(teacher_path(model_cfg), dtype=TORCH_DTYPES[model_cfg.dtype],
                                     trust_remote_code=model_cfg.trust_remote_code)
     if model_cfg.bidirectional:
-        set_bidirectional(net, net)
+        make_bidirectional(net)
     return net.to(device).eval().requires_grad_(False)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dist_sense.config import ConfigError, RunConfig
-from dist_sense.model.loading import forward_mask, set_bidirectional, teacher_path
+from dist_sense.model.loading import forward_mask, mark_bidirectional, teacher_path
 from dist_sense.model.teacher import TeacherError, check_max_length
 
 STUDENT_FORMAT = "dist_sense.student"
@@ -72,7 +72,7 @@ def _truncated_teacher(cfg: RunConfig, teacher_d: int) -> Student:
     path = teacher_path(cfg.model)
     hf_config = _load_config(AutoConfig, path, f"model.teacher={cfg.model.teacher}")
     if cfg.model.bidirectional:
-        set_bidirectional(hf_config)  # saved with the student: it runs as its teacher did
+        mark_bidirectional(hf_config)  # saved with the student: it runs as its teacher did
     n_layers, layers = int(getattr(hf_config, "num_hidden_layers", 0)), cfg.distill.layers
     if layers > n_layers:
         raise StudentError(f"distill.layers={layers}: the teacher {path} has only {n_layers} layers")

@@ -21,15 +21,13 @@ from dist_sense.config import ConfigError, ModelConfig
 from dist_sense.formats.identity import model_fingerprint
 from dist_sense.formats.manifest import tokenizer_fingerprint
 from dist_sense.model.loading import (  # noqa: F401 (TeacherError, resolve_model_path: re-exported)
+    TORCH_DTYPES,
     TeacherError,
     forward_mask,
+    make_bidirectional,
     resolve_model_path,
-    set_bidirectional,
     teacher_path,
 )
-
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 # Model types whose learned positions are numbered from pad_token_id + 1 (RoBERTa's family):
 # their max_position_embeddings counts the positions below that too.
@@ -166,7 +164,7 @@ class Teacher:
             raise TeacherError(f"model.teacher={cfg.teacher}: weights do not load: {err}") from None
         model.eval().requires_grad_(False)
         if cfg.bidirectional:
-            set_bidirectional(model, model)
+            make_bidirectional(model)
         if self.partitioned:
             import deepspeed
 
